@@ -1,0 +1,287 @@
+"""The CIFAR-10 ``LightningDataModule``: split, loaders and augmentation.
+
+Two loaders share one split:
+
+- ``loader="tensor"`` (default): the split stays as uint8 tensors; a batch is one indexing
+  operation (``__getitems__``), and augmentation plus normalisation run on the training
+  device in :meth:`CIFAR10DataModule.on_after_batch_transfer`.
+- ``loader="torchvision"``: per-sample ``torchvision.transforms.v2`` pipelines in
+  DataLoader workers, for augmentations the tensor path lacks (colour jitter,
+  AutoAugment, random erasing) and for comparison.
+
+Every batch leaves the DataModule as ``(images, labels)`` with normalised float images.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from resnet_cifar.data import cifar10
+from resnet_cifar.data.augment import BatchAugment
+from resnet_cifar.data.splits import per_class_budget, select_classes, stratified_split
+from resnet_cifar.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+LOADERS = ("tensor", "torchvision")
+
+
+class IndexedImages(Dataset):
+    """Images, labels and their dataset indices; batches are fetched in one indexing op."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, transform=None) -> None:
+        self.images, self.labels, self.indices = images, labels, indices
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        j = self.indices[i]
+        x = self.images[j]
+        if self.transform is not None:
+            x = self.transform(x)
+        return x, self.labels[j], j
+
+    def __getitems__(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        j = self.indices[torch.as_tensor(idx, dtype=torch.long)]
+        return self.images[j], self.labels[j], j
+
+
+def _as_batch(batch: Any) -> Any:
+    """``collate_fn`` for :class:`IndexedImages.__getitems__`: the batch is already stacked."""
+    return batch
+
+
+class EpochShuffle(Sampler[int]):
+    """A permutation that is a function of ``(seed, epoch)`` only, so resumes replay it."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:  # called by Lightning at each epoch start
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class CIFAR10DataModule(pl.LightningDataModule):
+    """CIFAR-10 with the official test set and a seeded, stratified validation split.
+
+    Args:
+        root: folder that holds (or will hold) ``cifar-10-batches-py``.
+        download: download the official archive when the files are missing.
+        val_size: validation images taken from the 50,000 training images (stratified).
+        split_seed: seed of the train/val split and of the label budget.
+        seed: seed of shuffling and augmentation.
+        batch_size, eval_batch_size: images per batch for training and for val/test.
+        loader: ``"tensor"`` or ``"torchvision"`` (see the module docstring).
+        num_workers: DataLoader workers (torchvision loader only; the tensor loader needs none).
+        on_device: keep the uint8 split on the training device (tensor loader, GPUs).
+        mean, std: normalisation statistics.
+        image_size: side of the images fed to the model (resized when not 32).
+        augment: ``crop_padding``, ``flip``, ``cutout``, and (torchvision loader only)
+            ``color_jitter``, ``autoaugment``, ``random_erasing``.
+        classes: train and evaluate on these class ids only, relabelled 0..k-1.
+        train_per_class: a seeded label budget per class drawn from the training split.
+        strict_sizes: require the 50,000/10,000 images of the full dataset.
+    """
+
+    def __init__(
+        self,
+        root: str = "data",
+        download: bool = True,
+        val_size: int = 5000,
+        split_seed: int = 0,
+        seed: int = 0,
+        batch_size: int = 128,
+        eval_batch_size: int = 500,
+        loader: str = "tensor",
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        on_device: bool = False,
+        mean: Sequence[float] = CIFAR10_MEAN,
+        std: Sequence[float] = CIFAR10_STD,
+        image_size: int = 32,
+        augment: dict | None = None,
+        classes: Sequence[int] | None = None,
+        train_per_class: int | None = None,
+        strict_sizes: bool = True,
+    ) -> None:
+        super().__init__()
+        augment = dict(augment or {})
+        self.save_hyperparameters(ignore=["root"])
+        self.root = root
+        aug_defaults = dict(
+            crop_padding=4, flip=True, cutout=0, color_jitter=0.0, autoaugment=False, random_erasing=0.0
+        )
+        unknown = set(augment) - set(aug_defaults)
+        if unknown:
+            raise ConfigError(f"unknown data.augment keys {sorted(unknown)}; known: {sorted(aug_defaults)}")
+        self.augment_cfg = {**aug_defaults, **augment}
+        self._validate(loader, batch_size, eval_batch_size, val_size, image_size, classes, train_per_class)
+        self.class_names = [cifar10.CLASSES[c] for c in classes] if classes else list(cifar10.CLASSES)
+        self.num_classes = len(self.class_names)
+        self.augmenter = BatchAugment(
+            mean,
+            std,
+            crop_padding=self.augment_cfg["crop_padding"],
+            flip=self.augment_cfg["flip"],
+            cutout=self.augment_cfg["cutout"],
+            image_size=image_size,
+            seed=seed,
+        )
+        self.splits: dict[str, IndexedImages] = {}
+
+    def _validate(self, loader, batch_size, eval_batch_size, val_size, image_size, classes, train_per_class) -> None:
+        a = self.augment_cfg
+        if loader not in LOADERS:
+            raise ConfigError(f"data.loader={loader!r} is unknown; choose one of {', '.join(LOADERS)}")
+        for key, v in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if not isinstance(v, int) or v < 1:
+                raise ConfigError(f"data.{key}={v!r} must be a positive integer")
+        if not isinstance(val_size, int) or not 0 <= val_size < cifar10.TRAIN_SIZE:
+            raise ConfigError(f"data.val_size={val_size!r} must be an integer in [0, {cifar10.TRAIN_SIZE - 1}]")
+        if not isinstance(image_size, int) or image_size < 8:
+            raise ConfigError(f"data.image_size={image_size!r} must be an integer >= 8")
+        if not 0 <= a["crop_padding"] <= 16:
+            raise ConfigError(f"data.augment.crop_padding={a['crop_padding']} must be in [0, 16]")
+        if classes is not None:
+            classes = list(classes)
+            if len(classes) < 2 or len(set(classes)) != len(classes) or not all(0 <= c < 10 for c in classes):
+                raise ConfigError(f"data.classes={classes} must be >= 2 distinct class ids in 0..9")
+        if train_per_class is not None and (not isinstance(train_per_class, int) or train_per_class < 1):
+            raise ConfigError(f"data.train_per_class={train_per_class!r} must be a positive integer or null")
+        if loader == "tensor":
+            extra = [k for k in ("color_jitter", "autoaugment", "random_erasing") if a[k]]
+            if extra:
+                raise ConfigError(f"data.augment.{extra[0]} needs the per-sample pipeline: add data.loader=torchvision")
+
+    # ------------------------------------------------------------------ data
+    def prepare_data(self) -> None:
+        cifar10.ensure_dataset(self.root, self.hparams.download)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        hp = self.hparams
+        folder = cifar10.ensure_dataset(self.root, hp.download)
+        sizes = (cifar10.TRAIN_SIZE, cifar10.TEST_SIZE) if hp.strict_sizes else (None, None)
+        train = cifar10.read_split(folder, cifar10.TRAIN_FILES, sizes[0])
+        test = cifar10.read_split(folder, cifar10.TEST_FILES, sizes[1])
+        if hp.val_size >= len(train):
+            raise ConfigError(f"data.val_size={hp.val_size} must be smaller than the {len(train)} training images")
+        train_idx, val_idx = stratified_split(train.labels, hp.val_size, hp.split_seed)
+        test_idx = torch.arange(len(test))
+        train_labels, test_labels = train.labels, test.labels
+        if hp.classes:
+            keep, train_labels = select_classes(train.labels, list(hp.classes))
+            train_idx = train_idx[torch.isin(train_idx, keep)]
+            val_idx = val_idx[torch.isin(val_idx, keep)]
+            keep_test, test_labels = select_classes(test.labels, list(hp.classes))
+            test_idx = keep_test
+        if hp.train_per_class:
+            train_idx = per_class_budget(train_labels, train_idx, hp.train_per_class, hp.split_seed)
+        train_images, test_images = train.images, test.images
+        if hp.on_device and hp.loader == "tensor" and self.trainer is not None:
+            device = self.trainer.strategy.root_device
+            train_images, test_images = train_images.to(device), test_images.to(device)
+            train_labels, test_labels = train_labels.to(device), test_labels.to(device)
+            train_idx, val_idx, test_idx = train_idx.to(device), val_idx.to(device), test_idx.to(device)
+        train_tf, eval_tf = self._per_sample_transforms() if hp.loader == "torchvision" else (None, None)
+        self.splits = {
+            "train": IndexedImages(train_images, train_labels, train_idx, train_tf),
+            "val": IndexedImages(train_images, train_labels, val_idx, eval_tf),
+            "test": IndexedImages(test_images, test_labels, test_idx, eval_tf),
+        }
+        log.info(
+            "CIFAR-10 from %s: %d train, %d val, %d test images, %d classes",
+            folder,
+            len(train_idx),
+            len(val_idx),
+            len(test_idx),
+            self.num_classes,
+        )
+
+    def _per_sample_transforms(self):
+        from torchvision.transforms import v2
+
+        hp, a = self.hparams, self.augment_cfg
+        size = [v2.Resize(hp.image_size, antialias=True)] if hp.image_size != 32 else []
+        finish = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(hp.mean), list(hp.std))]
+        train = []
+        if a["crop_padding"]:
+            train.append(v2.RandomCrop(32, padding=a["crop_padding"]))
+        if a["flip"]:
+            train.append(v2.RandomHorizontalFlip())
+        if a["autoaugment"]:
+            train.append(v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10))
+        if a["color_jitter"]:
+            cj = a["color_jitter"]
+            train.append(v2.ColorJitter(brightness=cj, contrast=cj, saturation=cj))
+        train += size + finish
+        if a["cutout"]:
+            area = (a["cutout"] / 32) ** 2
+            train.append(v2.RandomErasing(p=1.0, scale=(area, area), ratio=(1.0, 1.0)))
+        if a["random_erasing"]:
+            train.append(v2.RandomErasing(p=a["random_erasing"]))
+        return v2.Compose(train), v2.Compose(size + finish)
+
+    # ----------------------------------------------------------- dataloaders
+    def _loader(self, split: str) -> DataLoader:
+        hp = self.hparams
+        ds = self.splits[split]
+        train = split == "train"
+        batch_size = hp.batch_size if train else hp.eval_batch_size
+        sampler = EpochShuffle(len(ds), hp.seed) if train else None
+        if hp.loader == "tensor":
+            return DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=train, collate_fn=_as_batch)
+        return DataLoader(
+            ds,
+            batch_size=batch_size,
+            sampler=sampler,
+            drop_last=train,
+            num_workers=hp.num_workers,
+            pin_memory=hp.pin_memory,
+            persistent_workers=hp.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels, index = batch
+        if images.dtype == torch.uint8:  # tensor loader: augment and normalise on the device
+            training = self.trainer is not None and self.trainer.training
+            epoch = self.trainer.current_epoch if self.trainer is not None else 0
+            images = self.augmenter(images, index, epoch, train=training)
+        return images, labels
+
+    def transform_batch(self, batch: Any, train: bool, epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalise (and, if ``train``, augment) a raw batch outside a Trainer."""
+        images, labels, index = batch
+        if images.dtype == torch.uint8:
+            images = self.augmenter(images, index, epoch, train=train)
+        return images, labels

@@ -1,0 +1,122 @@
+"""Model factory: a name and options in, a :class:`Classifier` (backbone + head) out."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from resnet_cifar.errors import ConfigError, WeightsError
+from resnet_cifar.models.cifar_resnet import CifarResNet
+from resnet_cifar.models.weights import extract_state_dict, load_matching, safe_load
+
+log = logging.getLogger(__name__)
+
+TORCHVISION_MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+CIFAR_MODELS = {"resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56, "resnet110": 110}
+MODELS = (*CIFAR_MODELS, *TORCHVISION_MODELS)
+
+
+class Classifier(nn.Module):
+    """``backbone`` (images -> features) followed by a linear ``head`` (features -> logits).
+
+    The freeze schedule and partial weight loading address parameters by these two names.
+    """
+
+    def __init__(self, backbone: nn.Module, num_features: int, num_classes: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = (
+            nn.Sequential(nn.Dropout(dropout), nn.Linear(num_features, num_classes))
+            if dropout
+            else nn.Linear(num_features, num_classes)
+        )
+        self.num_features, self.num_classes = num_features, num_classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+def _torchvision_backbone(name: str, cifar_stem: bool) -> tuple[nn.Module, int]:
+    net = torchvision.models.get_model(name, weights=None)
+    if cifar_stem:  # 3x3 stride-1 stem without max-pool: keeps 32x32 inputs at 32x32
+        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
+        net.maxpool = nn.Identity()
+    features = net.fc.in_features
+    net.fc = nn.Identity()
+    return net, features
+
+
+def imagenet_state_dict(name: str, weights: str = "DEFAULT") -> dict[str, torch.Tensor]:
+    """torchvision's ImageNet weights for ``name`` (from the cache under ``TORCH_HOME``, or downloaded)."""
+    try:
+        enum = torchvision.models.get_model_weights(name)[weights]
+    except KeyError:
+        options = ["DEFAULT", *torchvision.models.get_model_weights(name).__members__]
+        raise ConfigError(f"model.weights={weights!r} is unknown for {name}; choose one of {options}") from None
+    hub_dir = Path(torch.hub.get_dir()) / "checkpoints"
+    target = hub_dir / os.path.basename(enum.url)
+    try:
+        return enum.get_state_dict(progress=False, check_hash=False)
+    except Exception as e:  # URLError, HTTPError, OSError, ... on a machine without network
+        raise WeightsError(
+            f"cannot get the ImageNet weights {name}.{enum.name} ({type(e).__name__}: {str(e)[:120]}). "
+            f"Download {enum.url} and put it at {target} (under TORCH_HOME), or set model.weights_path=<file>"
+        ) from None
+
+
+def build_model(
+    name: str,
+    num_classes: int = 10,
+    pretrained: bool = False,
+    weights: str = "DEFAULT",
+    weights_path: str | None = None,
+    cifar_stem: bool = False,
+    block: str = "basic",
+    shortcut: str = "A",
+    dropout: float = 0.0,
+) -> Classifier:
+    """Build a classifier by name; load ImageNet weights or a local weights file if asked.
+
+    Args:
+        name: one of :data:`MODELS`.
+        num_classes: outputs of the new head.
+        pretrained: load torchvision's ImageNet weights (torchvision models only).
+        weights: the torchvision weights entry, e.g. ``DEFAULT`` or ``IMAGENET1K_V1``.
+        weights_path: a local file to load instead: a torchvision state dict, one of our
+            checkpoints, or an exported state dict. Tensors whose shape does not fit (e.g.
+            a head with another class count) are left at initialisation and reported.
+        cifar_stem: torchvision models only: 3x3 stride-1 stem, no max-pool.
+        block, shortcut: CIFAR ResNets only: ``basic``/``bottleneck`` and ``A``/``B``.
+    """
+    if name in CIFAR_MODELS:
+        if pretrained:
+            raise ConfigError(
+                f"{name} has no ImageNet weights: set model.pretrained=false, or give a backbone "
+                "with model.weights_path=<checkpoint>"
+            )
+        if cifar_stem:
+            raise ConfigError(f"model.cifar_stem applies to torchvision models; {name} already has a CIFAR stem")
+        backbone = CifarResNet(CIFAR_MODELS[name], block=block, shortcut=shortcut)
+        features = backbone.out_features
+    elif name in TORCHVISION_MODELS:
+        backbone, features = _torchvision_backbone(name, cifar_stem)
+    else:
+        raise ConfigError(f"model {name!r} is unknown; choose one of {', '.join(MODELS)}")
+    if not isinstance(num_classes, int) or num_classes < 2:
+        raise ConfigError(f"num_classes={num_classes!r} must be an integer >= 2")
+    if not 0.0 <= dropout < 1.0:
+        raise ConfigError(f"model.dropout={dropout} must be in [0, 1)")
+    model = Classifier(backbone, features, num_classes, dropout)
+    if weights_path:
+        state = extract_state_dict(safe_load(weights_path, "model.weights_path"))
+        load_matching(model, state, str(weights_path))
+    elif pretrained:
+        state = extract_state_dict(imagenet_state_dict(name, weights))
+        load_matching(model, state, f"torchvision {name}.{weights}")
+    return model

@@ -1,0 +1,121 @@
+"""Safe loading of weights files and partial loading into a :class:`Classifier`.
+
+Everything is read with ``torch.load(..., weights_only=True)``: a file that needs
+arbitrary unpickling (and so could run code) is refused. Accepted files: a torchvision
+state dict (``conv1.weight`` ... ``fc.bias``), one of our Lightning checkpoints, or one
+of our exported state dicts (``backbone.*``/``head.*``; ``.safetensors`` too).
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from resnet_cifar.errors import WeightsError
+
+log = logging.getLogger(__name__)
+
+
+def safe_load(path: str | Path, what: str = "checkpoint") -> dict[str, Any]:
+    """``torch.load`` with ``weights_only=True`` and errors a user can act on."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise WeightsError(f"{what} {path} does not exist (or is not a file)")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise WeightsError(f"{what} {path} is not a valid safetensors file ({e})") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise WeightsError(
+            f"{what} {path} was refused: it needs arbitrary unpickling, which can run code "
+            f"({first[:160]}). Load only files you trust: re-save them as a plain state_dict"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise WeightsError(
+            f"{what} {path} is not a PyTorch checkpoint or is truncated ({type(e).__name__}: {str(e)[:160]})"
+        ) from None
+    if not isinstance(obj, dict):
+        raise WeightsError(f"{what} {path} holds a {type(obj).__name__}, expected a dict (state dict or checkpoint)")
+    return obj
+
+
+def extract_state_dict(obj: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint or state dict, with keys mapped to ``backbone.*``/``head.*``."""
+    state = obj.get("state_dict", obj)
+    if not isinstance(state, dict):
+        raise WeightsError("the file's 'state_dict' entry is not a dict of tensors")
+    out = {}
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        k = key.removeprefix("model.").removeprefix("_orig_mod.").removeprefix("module.")
+        if k.startswith(("backbone.", "head.")):
+            out[k] = value
+        elif k.startswith("fc."):  # torchvision's classifier
+            out["head." + k.removeprefix("fc.")] = value
+        else:
+            out["backbone." + k] = value
+    return out
+
+
+@dataclass
+class LoadReport:
+    loaded: list[str] = field(default_factory=list)
+    mismatched: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        parts = [f"loaded {len(self.loaded)} tensors"]
+        if self.mismatched:
+            mm = ", ".join(f"{k} {tuple(a)} vs model {tuple(b)}" for k, (a, b) in self.mismatched.items())
+            parts.append(f"skipped for shape mismatch: {mm}")
+        if self.missing:
+            parts.append(f"left at initialisation: {_abbrev(self.missing)}")
+        if self.unexpected:
+            parts.append(f"unused from the file: {_abbrev(self.unexpected)}")
+        return "; ".join(parts)
+
+
+def _abbrev(keys: list[str], n: int = 8) -> str:
+    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
+def load_matching(
+    model: nn.Module, state: dict[str, torch.Tensor], source: str, require_backbone: bool = True
+) -> LoadReport:
+    """Copy every tensor of ``state`` whose key and shape fit ``model``; report the rest."""
+    own = model.state_dict()
+    report = LoadReport()
+    fit = {}
+    for k, v in state.items():
+        if k not in own:
+            report.unexpected.append(k)
+        elif own[k].shape != v.shape:
+            report.mismatched[k] = (tuple(v.shape), tuple(own[k].shape))
+        else:
+            fit[k] = v
+    report.loaded = sorted(fit)
+    report.missing = [k for k in own if k not in fit and k not in report.mismatched]
+    if require_backbone and not any(k.startswith("backbone.") for k in fit):
+        raise WeightsError(
+            f"no tensor of {source} fits this model's backbone "
+            f"({len(report.mismatched)} shape mismatches, {len(report.unexpected)} unknown keys, "
+            f"e.g. {_abbrev(list(report.mismatched) + report.unexpected, 3)}); is it a file for this architecture?"
+        )
+    model.load_state_dict(fit, strict=False)
+    log.info("weights from %s: %s", source, report.summary())
+    return report

@@ -1,0 +1,155 @@
+"""What ``train.py`` and ``eval.py`` do, importable for tests: build, fit, test, write metrics."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+from omegaconf import DictConfig
+
+from resnet_cifar.config import to_dict, validate_train_config
+from resnet_cifar.data.datamodule import CIFAR10DataModule
+from resnet_cifar.errors import ConfigError, WeightsError
+from resnet_cifar.models.weights import safe_load
+from resnet_cifar.training.module import ImageClassifier
+
+log = logging.getLogger(__name__)
+
+
+def build_datamodule(data_cfg: DictConfig | dict) -> CIFAR10DataModule:
+    try:
+        return CIFAR10DataModule(**to_dict(data_cfg))
+    except TypeError as e:
+        raise ConfigError(f"data config: {e}") from None
+
+
+def _instantiate_all(cfg: DictConfig | None) -> list[Any]:
+    """Instantiate every ``_target_`` entry of a callbacks/logger group."""
+    if not cfg:
+        return []
+    return [hydra.utils.instantiate(c) for c in cfg.values() if isinstance(c, DictConfig) and "_target_" in c]
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
+def log_hyperparameters(trainer: pl.Trainer, cfg: DictConfig, module: pl.LightningModule) -> None:
+    """The run's config (minus Hydra/paths), with the metrics TensorBoard's HPARAMS tab compares."""
+    params = {k: v for k, v in to_dict(cfg).items() if k not in ("paths", "hydra", "callbacks", "logger")}
+    params = flatten(params)
+    params["model/params_total"] = sum(p.numel() for p in module.parameters())
+    params["model/params_trainable"] = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    for logger in trainer.loggers:
+        if isinstance(logger, pl.loggers.TensorBoardLogger):
+            logger.log_hyperparams(params, metrics={"val/acc_best": 0.0, "test/acc": 0.0})
+        else:
+            logger.log_hyperparams(params)
+
+
+def check_resume_checkpoint(path: str) -> None:
+    ckpt = safe_load(path, "ckpt_path")
+    if "state_dict" not in ckpt or "loops" not in ckpt:
+        raise WeightsError(
+            f"ckpt_path {path} is not a Lightning training checkpoint (no loops/optimizer state); "
+            "to start from its weights use model.weights_path instead"
+        )
+
+
+def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
+    """Write JSON atomically: a crash mid-write never leaves a half file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _floats(d: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in d.items()}
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit, test the best checkpoint, write ``metrics.json``; return the metrics."""
+    validate_train_config(cfg)
+    if cfg.get("ckpt_path") and cfg.ckpt_path != "last":
+        check_resume_checkpoint(cfg.ckpt_path)
+    pl.seed_everything(cfg.seed, workers=True)
+    out_dir = Path(cfg.paths.output_dir)
+
+    datamodule = build_datamodule(cfg.data)
+    module = ImageClassifier(
+        model=to_dict(cfg.model),
+        optimizer=to_dict(cfg.optimizer),
+        scheduler=to_dict(cfg.scheduler),
+        stage=to_dict(cfg.stage),
+        num_classes=datamodule.num_classes,
+        label_smoothing=cfg.label_smoothing,
+        class_names=datamodule.class_names,
+        **to_dict(cfg.get("module")),
+    )
+    callbacks = _instantiate_all(cfg.get("callbacks"))
+    loggers = _instantiate_all(cfg.get("logger"))
+    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    if loggers:
+        log_hyperparameters(trainer, cfg, module)
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    metrics = _floats({k: v for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))})
+
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    if cfg.get("test", True) and not trainer.interrupted:
+        ckpt = best if best else None
+        if ckpt is None:
+            log.warning("No best checkpoint was saved; testing the weights at the end of training")
+        results = trainer.test(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
+        metrics.update(_floats(results[0]) if results else {})
+    metrics["best_ckpt"] = best
+    metrics["epochs"] = trainer.current_epoch
+    if trainer.is_global_zero:
+        write_metrics(out_dir / "metrics.json", metrics)
+        log.info("Metrics: %s", json.dumps(metrics, sort_keys=True))
+    return metrics
+
+
+def objective(cfg: DictConfig, metrics: dict[str, Any]) -> float | None:
+    """The value a Hydra sweeper optimises (``optimized_metric``)."""
+    name = cfg.get("optimized_metric")
+    if not name:
+        return None
+    if name not in metrics:
+        raise ConfigError(f"optimized_metric={name!r} was not logged; logged: {sorted(metrics)}")
+    value = float(metrics[name])
+    return value if math.isfinite(value) else None
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Test a checkpoint on the official test set with the data settings it was trained with."""
+    if not cfg.get("ckpt_path"):
+        raise ConfigError("ckpt_path is required: python eval.py ckpt_path=<path to .ckpt>")
+    ckpt = safe_load(cfg.ckpt_path, "ckpt_path")
+    data_hp = ckpt.get("datamodule_hyper_parameters")
+    if "state_dict" not in ckpt or data_hp is None:
+        raise WeightsError(f"ckpt_path {cfg.ckpt_path} is not a resnet-cifar training checkpoint")
+    data_kwargs = {**data_hp, "root": cfg.data_root, "eval_batch_size": cfg.eval_batch_size}
+    datamodule = build_datamodule(data_kwargs)
+    overrides = {} if cfg.get("tta_flip") is None else {"tta_flip": cfg.tta_flip}
+    module = ImageClassifier.from_checkpoint(cfg.ckpt_path, **overrides)
+    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, logger=False)
+    results = trainer.test(module, datamodule=datamodule)
+    metrics = {**_floats(results[0]), "ckpt_path": str(cfg.ckpt_path)}
+    write_metrics(Path(cfg.paths.output_dir) / "metrics.json", metrics)
+    log.info("Metrics: %s", json.dumps(metrics, sort_keys=True))
+    return metrics

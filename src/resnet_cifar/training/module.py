@@ -1,0 +1,166 @@
+"""The ``LightningModule``: a ResNet classifier, its freeze schedule, metrics and optimizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torchmetrics import MaxMetric, MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from resnet_cifar.errors import WeightsError
+from resnet_cifar.models.factory import build_model
+from resnet_cifar.models.weights import safe_load
+from resnet_cifar.stages import FreezeSchedule
+from resnet_cifar.training.optim import build_optimizer, build_scheduler, check_optimizer, param_groups
+
+
+class ImageClassifier(pl.LightningModule):
+    """Train, validate and test a :class:`~resnet_cifar.models.factory.Classifier`.
+
+    Args:
+        model: keyword arguments of :func:`~resnet_cifar.models.factory.build_model`.
+        optimizer: ``name``, ``lr`` (the head's; the backbone gets ``lr * backbone_lr_ratio``),
+            ``weight_decay``, ``no_decay_bn_bias`` and the optimizer's own options.
+        scheduler: ``name`` and options of :func:`~resnet_cifar.training.optim.build_scheduler`.
+        stage: fields of :class:`~resnet_cifar.stages.FreezeSchedule`.
+        num_classes: outputs of the head.
+        label_smoothing: label smoothing of the training loss.
+        class_names: kept with the checkpoint for reports and inference.
+        channels_last: run convolutions in channels-last memory format.
+        tta_flip: average the logits of each image and its mirror image at val/test time.
+    """
+
+    def __init__(
+        self,
+        model: dict[str, Any],
+        optimizer: dict[str, Any],
+        scheduler: dict[str, Any],
+        stage: dict[str, Any] | None = None,
+        num_classes: int = 10,
+        label_smoothing: float = 0.0,
+        class_names: list[str] | None = None,
+        channels_last: bool = False,
+        tta_flip: bool = False,
+        load_weights: bool = True,
+    ) -> None:
+        super().__init__()
+        # Logged once, with the whole run config, by the training entry (not by Lightning).
+        self.save_hyperparameters(logger=False, ignore=["load_weights"])
+        self.schedule = FreezeSchedule(**(stage or {}))
+        check_optimizer(optimizer)
+        model_kwargs = dict(model)
+        if not load_weights:  # weights come from a checkpoint: build the bare architecture
+            model_kwargs.update(pretrained=False, weights_path=None)
+        self.model = build_model(num_classes=num_classes, **model_kwargs)
+        if not self.schedule.backbone_in_optimizer:
+            self.model.backbone.requires_grad_(False)
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
+        self.val_acc_best = MaxMetric()
+
+    # ----------------------------------------------------------- forward
+    def backbone_trainable(self) -> bool:
+        return self.schedule.backbone_trainable(self.current_epoch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hparams.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.training and not self.backbone_trainable():
+            # Frozen phase: no graph through the backbone, and its batch-norm statistics stay.
+            self.model.backbone.eval()
+            with torch.no_grad():
+                features = self.model.backbone(x)
+            return self.model.head(features)
+        return self.model(x)
+
+    def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Eval-time logits, averaged with the mirror image when ``tta_flip``."""
+        logits = self(x)
+        if self.hparams.tta_flip:
+            logits = (logits + self(x.flip(-1))) / 2
+        return logits
+
+    # -------------------------------------------------------------- steps
+    def on_train_start(self) -> None:
+        self.val_acc_best.reset()  # forget the sanity-check validation
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
+        self.train_acc(logits.detach(), y)
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def _eval_step(self, batch, acc: MulticlassAccuracy, mean_loss: MeanMetric) -> None:
+        x, y = batch
+        logits = self.predict_logits(x)
+        acc(logits, y)
+        mean_loss(F.cross_entropy(logits, y), weight=len(y))
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, self.val_acc, self.val_loss)
+
+    def on_validation_epoch_end(self) -> None:
+        acc = self.val_acc.compute()
+        self.val_acc_best(acc)
+        self.log("val/acc", self.val_acc, prog_bar=True)
+        self.log("val/loss", self.val_loss)
+        self.log("val/acc_best", self.val_acc_best.compute())
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, self.test_acc, self.test_loss)
+
+    def on_test_epoch_end(self) -> None:
+        self.log("test/acc", self.test_acc)
+        self.log("test/loss", self.test_loss)
+
+    def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
+        return self.predict_logits(batch[0]).softmax(-1)
+
+    # ------------------------------------------------------- optimisation
+    def configure_optimizers(self) -> dict[str, Any]:
+        opt_cfg = dict(self.hparams.optimizer)
+        groups = param_groups(
+            self.model,
+            lr=opt_cfg["lr"],
+            weight_decay=opt_cfg.get("weight_decay", 0.0),
+            backbone_lr_ratio=self.schedule.backbone_lr_ratio,
+            include_backbone=self.schedule.backbone_in_optimizer,
+            no_decay_bn_bias=opt_cfg.get("no_decay_bn_bias", True),
+        )
+        optimizer = build_optimizer(opt_cfg, groups)
+        scheduler = build_scheduler(
+            dict(self.hparams.scheduler),
+            optimizer,
+            total_steps=self.trainer.estimated_stepping_batches,
+            max_epochs=self.trainer.max_epochs,
+        )
+        if scheduler is None:
+            return {"optimizer": optimizer}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------ loading
+    @classmethod
+    def from_checkpoint(
+        cls, path: str | Path, map_location: str | torch.device = "cpu", **overrides
+    ) -> ImageClassifier:
+        """Load one of our checkpoints safely (``weights_only``), without re-fetching weights."""
+        ckpt = safe_load(path, "ckpt_path")
+        if "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
+            raise WeightsError(
+                f"ckpt_path {path} is not a resnet-cifar training checkpoint (no state_dict/hyper_parameters)"
+            )
+        hp = {**ckpt["hyper_parameters"], **overrides}
+        module = cls(**hp, load_weights=False)
+        module.load_state_dict(ckpt["state_dict"])
+        return module.to(map_location)

@@ -1,0 +1,143 @@
+"""Optimizer parameter groups, optimizers and LR schedules (warm-up + decay, per step)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from resnet_cifar.errors import ConfigError
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULERS = ("cosine", "onecycle", "multistep", "none")
+
+
+def param_groups(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    backbone_lr_ratio: float = 1.0,
+    include_backbone: bool = True,
+    no_decay_bn_bias: bool = True,
+) -> list[dict[str, Any]]:
+    """Groups ``head``, ``head_no_decay``, ``backbone``, ``backbone_no_decay`` (empty ones dropped).
+
+    Batch-norm parameters and biases (all 1-d tensors) get no weight decay when
+    ``no_decay_bn_bias``. The group names appear in the LR monitor's curves.
+    """
+    parts = [("head", 1.0)] + ([("backbone", backbone_lr_ratio)] if include_backbone else [])
+    groups = []
+    for part, ratio in parts:
+        decay, no_decay = [], []
+        for p in getattr(model, part).parameters():
+            if p.requires_grad:
+                (no_decay if no_decay_bn_bias and p.ndim <= 1 else decay).append(p)
+        for suffix, params, wd in (("", decay, weight_decay), ("_no_decay", no_decay, 0.0)):
+            if params:
+                groups.append({"name": part + suffix, "params": params, "lr": lr * ratio, "weight_decay": wd})
+    return groups
+
+
+def check_optimizer(cfg: dict[str, Any]) -> None:
+    name, lr = cfg.get("name"), cfg.get("lr")
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"optimizer {name!r} is unknown; choose one of {', '.join(OPTIMIZERS)}")
+    if not isinstance(lr, (int, float)) or not lr > 0 or not math.isfinite(lr):
+        raise ConfigError(f"optimizer.lr={lr!r} must be a number > 0")
+    wd = cfg.get("weight_decay", 0.0)
+    if not isinstance(wd, (int, float)) or wd < 0:
+        raise ConfigError(f"optimizer.weight_decay={wd!r} must be a number >= 0")
+    if name == "sgd" and not 0 <= cfg.get("momentum", 0.0) < 1:
+        raise ConfigError(f"optimizer.momentum={cfg.get('momentum')!r} must be in [0, 1)")
+
+
+def build_optimizer(cfg: dict[str, Any], groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    check_optimizer(cfg)
+    if cfg["name"] == "sgd":
+        return torch.optim.SGD(
+            groups, lr=cfg["lr"], momentum=cfg.get("momentum", 0.9), nesterov=cfg.get("nesterov", False)
+        )
+    return torch.optim.AdamW(
+        groups, lr=cfg["lr"], betas=tuple(cfg.get("betas", (0.9, 0.999))), eps=cfg.get("eps", 1e-8)
+    )
+
+
+class WarmupDecay:
+    """LR multiplier per step: linear warm-up from ``warmup_start``, then cosine, step or constant.
+
+    A callable object (not a closure) so that ``LambdaLR`` saves and restores it with
+    the checkpoint.
+    """
+
+    def __init__(
+        self,
+        total_steps: int,
+        warmup_steps: int = 0,
+        kind: str = "cosine",
+        milestones: Sequence[float] = (),
+        gamma: float = 0.1,
+        min_lr_ratio: float = 0.0,
+        warmup_start: float = 0.0,
+    ) -> None:
+        self.total_steps, self.warmup_steps, self.kind = total_steps, warmup_steps, kind
+        self.milestones = [int(m * total_steps) for m in milestones]
+        self.gamma, self.min_lr_ratio, self.warmup_start = gamma, min_lr_ratio, warmup_start
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.warmup_start + (1 - self.warmup_start) * (step + 1) / self.warmup_steps
+        if self.kind == "cosine":
+            span = max(1, self.total_steps - self.warmup_steps)
+            t = min(1.0, (step - self.warmup_steps) / span)
+            return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+        if self.kind == "multistep":
+            return self.gamma ** sum(step >= m for m in self.milestones)
+        return 1.0
+
+
+def check_scheduler(cfg: dict[str, Any]) -> None:
+    name = cfg.get("name")
+    if name not in SCHEDULERS:
+        raise ConfigError(f"scheduler {name!r} is unknown; choose one of {', '.join(SCHEDULERS)}")
+    if cfg.get("warmup_epochs", 0) < 0:
+        raise ConfigError(f"scheduler.warmup_epochs={cfg.get('warmup_epochs')} must be >= 0")
+    ms = cfg.get("milestones", [])
+    if name == "multistep" and (not ms or any(not 0 < m < 1 for m in ms)):
+        raise ConfigError(f"scheduler.milestones={list(ms)} must be fractions of training in (0, 1)")
+
+
+def build_scheduler(
+    cfg: dict[str, Any], optimizer: torch.optim.Optimizer, total_steps: int, max_epochs: int | None
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """A per-step scheduler sized from ``trainer.estimated_stepping_batches``."""
+    check_scheduler(cfg)
+    name = cfg["name"]
+    total_steps = max(1, int(total_steps))
+    steps_per_epoch = total_steps / max_epochs if max_epochs and max_epochs > 0 else total_steps
+    warmup = min(total_steps - 1, round(cfg.get("warmup_epochs", 0) * steps_per_epoch))
+    if name == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer,
+            max_lr=[g["lr"] for g in optimizer.param_groups],
+            total_steps=total_steps,
+            pct_start=cfg.get("pct_start", 0.25),
+            div_factor=cfg.get("div_factor", 25.0),
+            final_div_factor=cfg.get("final_div_factor", 1e4),
+            anneal_strategy=cfg.get("anneal_strategy", "linear"),
+            cycle_momentum=cfg.get("cycle_momentum", False),
+        )
+    if name == "none" and warmup == 0:
+        return None
+    fn = WarmupDecay(
+        total_steps,
+        warmup,
+        kind=name,
+        milestones=cfg.get("milestones", ()),
+        gamma=cfg.get("gamma", 0.1),
+        min_lr_ratio=cfg.get("min_lr_ratio", 0.0),
+        warmup_start=cfg.get("warmup_start", 0.0),
+    )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
