@@ -35,7 +35,7 @@ LOADERS = ("tensor", "torchvision")
 
 
 class IndexedImages(Dataset):
-    """Images, labels and their dataset indices; batches are fetched in one indexing op."""
+    """Images, labels and their dataset indices, one (transformed) sample at a time."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, transform=None) -> None:
         self.images, self.labels, self.indices = images, labels, indices
@@ -51,13 +51,17 @@ class IndexedImages(Dataset):
             x = self.transform(x)
         return x, self.labels[j], j
 
+
+class BatchedImages(IndexedImages):
+    """The tensor loader's dataset: a whole batch is fetched in one indexing operation."""
+
     def __getitems__(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        j = self.indices[torch.as_tensor(idx, dtype=torch.long)]
+        j = self.indices[torch.as_tensor(idx, dtype=torch.long, device=self.indices.device)]
         return self.images[j], self.labels[j], j
 
 
 def _as_batch(batch: Any) -> Any:
-    """``collate_fn`` for :class:`IndexedImages.__getitems__`: the batch is already stacked."""
+    """``collate_fn`` for :class:`BatchedImages`: the batch is already stacked."""
     return batch
 
 
@@ -201,12 +205,19 @@ class CIFAR10DataModule(pl.LightningDataModule):
             train_images, test_images = train_images.to(device), test_images.to(device)
             train_labels, test_labels = train_labels.to(device), test_labels.to(device)
             train_idx, val_idx, test_idx = train_idx.to(device), val_idx.to(device), test_idx.to(device)
-        train_tf, eval_tf = self._per_sample_transforms() if hp.loader == "torchvision" else (None, None)
-        self.splits = {
-            "train": IndexedImages(train_images, train_labels, train_idx, train_tf),
-            "val": IndexedImages(train_images, train_labels, val_idx, eval_tf),
-            "test": IndexedImages(test_images, test_labels, test_idx, eval_tf),
-        }
+        if hp.loader == "torchvision":
+            train_tf, eval_tf = self._per_sample_transforms()
+            self.splits = {
+                "train": IndexedImages(train_images, train_labels, train_idx, train_tf),
+                "val": IndexedImages(train_images, train_labels, val_idx, eval_tf),
+                "test": IndexedImages(test_images, test_labels, test_idx, eval_tf),
+            }
+        else:
+            self.splits = {
+                "train": BatchedImages(train_images, train_labels, train_idx),
+                "val": BatchedImages(train_images, train_labels, val_idx),
+                "test": BatchedImages(test_images, test_labels, test_idx),
+            }
         log.info(
             "CIFAR-10 from %s: %d train, %d val, %d test images, %d classes",
             folder,

@@ -113,10 +113,11 @@ def build_model(
     if not 0.0 <= dropout < 1.0:
         raise ConfigError(f"model.dropout={dropout} must be in [0, 1)")
     model = Classifier(backbone, features, num_classes, dropout)
+    reinit = ("conv1.",) if cifar_stem else ()  # the replaced stem starts fresh
     if weights_path:
         state = extract_state_dict(safe_load(weights_path, "model.weights_path"))
-        load_matching(model, state, str(weights_path))
+        load_matching(model, state, str(weights_path), reinit)
     elif pretrained:
         state = extract_state_dict(imagenet_state_dict(name, weights))
-        load_matching(model, state, f"torchvision {name}.{weights}")
+        load_matching(model, state, f"torchvision {name}.{weights}", reinit)
     return model

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,10 +39,13 @@ def safe_load(path: str | Path, what: str = "checkpoint") -> dict[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        found = re.search(r"unsupported GLOBAL (\S+)|Unsupported global: GLOBAL (\S+)", str(e))
+        if not found:
+            raise WeightsError(f"{what} {path} is not a PyTorch checkpoint or is corrupted") from None
+        name = found.group(1) or found.group(2)
         raise WeightsError(
-            f"{what} {path} was refused: it needs arbitrary unpickling, which can run code "
-            f"({first[:160]}). Load only files you trust: re-save them as a plain state_dict"
+            f"{what} {path} was refused: it needs arbitrary unpickling ({name}), which can run code. "
+            "Load only files you trust, re-saved as a plain state_dict of tensors"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise WeightsError(
@@ -95,9 +99,13 @@ def _abbrev(keys: list[str], n: int = 8) -> str:
 
 
 def load_matching(
-    model: nn.Module, state: dict[str, torch.Tensor], source: str, require_backbone: bool = True
+    model: nn.Module, state: dict[str, torch.Tensor], source: str, reinit: tuple[str, ...] = ()
 ) -> LoadReport:
-    """Copy every tensor of ``state`` whose key and shape fit ``model``; report the rest."""
+    """Load ``state`` into ``model``: the whole backbone must fit; the head loads only if it fits.
+
+    Backbone keys starting with one of ``reinit`` (e.g. a replaced stem) may be missing or
+    of another shape and stay at initialisation. Everything skipped is reported by key.
+    """
     own = model.state_dict()
     report = LoadReport()
     fit = {}
@@ -110,11 +118,20 @@ def load_matching(
             fit[k] = v
     report.loaded = sorted(fit)
     report.missing = [k for k in own if k not in fit and k not in report.mismatched]
-    if require_backbone and not any(k.startswith("backbone.") for k in fit):
+
+    def strict(k: str) -> bool:
+        return k.startswith("backbone.") and not k.removeprefix("backbone.").startswith(reinit)
+
+    bad_shape = {k: v for k, v in report.mismatched.items() if strict(k)}
+    missing = [k for k in report.missing if strict(k)]
+    if bad_shape or missing:
+        detail = []
+        if bad_shape:
+            detail.append("shape mismatch: " + _abbrev([f"{k} {a} vs model {b}" for k, (a, b) in bad_shape.items()], 4))
+        if missing:
+            detail.append(f"missing from the file: {_abbrev(missing, 4)}")
         raise WeightsError(
-            f"no tensor of {source} fits this model's backbone "
-            f"({len(report.mismatched)} shape mismatches, {len(report.unexpected)} unknown keys, "
-            f"e.g. {_abbrev(list(report.mismatched) + report.unexpected, 3)}); is it a file for this architecture?"
+            f"{source} does not fit this model's backbone ({'; '.join(detail)}); is it a file for this architecture?"
         )
     model.load_state_dict(fit, strict=False)
     log.info("weights from %s: %s", source, report.summary())
