@@ -47,7 +47,7 @@ def safe_load(path: str | Path, what: str = "checkpoint") -> dict[str, Any]:
             f"{what} {path} was refused: it needs arbitrary unpickling ({name}), which can run code. "
             "Load only files you trust, re-saved as a plain state_dict of tensors"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except Exception as e:  # torch.load fails on junk with many types (RuntimeError, KeyError, EOFError, ...)
         raise WeightsError(
             f"{what} {path} is not a PyTorch checkpoint or is truncated ({type(e).__name__}: {str(e)[:160]})"
         ) from None

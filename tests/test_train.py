@@ -1,0 +1,167 @@
+"""train.py and eval.py end to end, as a user runs them, on the synthetic data set."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import compose_cfg, run_script, synthetic_overrides
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from resnet_cifar.config import validate_train_config
+from resnet_cifar.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def trained_run(synthetic_root, tmp_path_factory) -> Path:
+    """One real `python train.py` run whose outputs several tests inspect."""
+    run_dir = tmp_path_factory.mktemp("run")
+    proc = run_script("train.py", *synthetic_overrides(synthetic_root), f"hydra.run.dir={run_dir}", cwd=run_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+def test_train_writes_checkpoints_metrics_and_logs(trained_run):
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    for key in ("train/loss", "val/acc", "val/acc_best", "test/acc", "test/loss"):
+        assert key in metrics
+    assert 0.0 <= metrics["test/acc"] <= 1.0
+    assert metrics["val/acc_best"] >= metrics["val/acc"]
+    assert metrics["epochs"] == 2
+    assert (trained_run / "checkpoints" / "last.ckpt").is_file()
+    assert Path(metrics["best_ckpt"]).is_file()
+    assert (trained_run / ".hydra" / "config.yaml").is_file()
+    assert (trained_run / "train.log").is_file()
+
+
+def test_tensorboard_has_the_curves_and_hparams(trained_run):
+    events = list((trained_run / "tensorboard").glob("events.out.tfevents.*"))
+    assert events
+    acc = EventAccumulator(str(trained_run / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    expected = {"train/loss", "train/acc", "val/loss", "val/acc", "val/acc_best", "test/acc"}
+    assert expected <= tags, tags
+    assert {"lr-SGD/head", "lr-SGD/backbone"} <= tags, tags
+    assert len(acc.Scalars("val/acc")) == 2  # one per epoch
+    assert (trained_run / "tensorboard" / "hparams.yaml").is_file() or any(
+        "hparams" in t for t in acc.Tags().get("tensors", [])
+    )
+
+
+def test_eval_reports_the_same_test_accuracy(trained_run, synthetic_root, tmp_path):
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    proc = run_script(
+        "eval.py",
+        f"ckpt_path={metrics['best_ckpt']}",
+        f"data_root={synthetic_root}",
+        "trainer.accelerator=cpu",
+        f"hydra.run.dir={tmp_path}",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    evaluated = json.loads((tmp_path / "metrics.json").read_text())
+    assert evaluated["test/acc"] == pytest.approx(metrics["test/acc"], abs=1e-6)
+    assert evaluated["test/loss"] == pytest.approx(metrics["test/loss"], rel=1e-5)
+
+
+def test_resume_from_last_checkpoint_continues(trained_run, synthetic_root, tmp_path):
+    proc = run_script(
+        "train.py",
+        *synthetic_overrides(synthetic_root),
+        "trainer.max_epochs=3",
+        f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}",
+        f"hydra.run.dir={tmp_path}",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["epochs"] == 3
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("val/acc")][-1:] == [acc.Scalars("val/acc")[-1].step]
+    assert len(acc.Scalars("val/acc")) == 1  # only the third epoch ran
+
+
+def test_multirun_sweeps_the_learning_rate(synthetic_root, tmp_path):
+    proc = run_script(
+        "train.py",
+        "-m",
+        "optimizer.lr=0.2,0.02",
+        *synthetic_overrides(synthetic_root),
+        "trainer.max_epochs=1",
+        f"hydra.sweep.dir={tmp_path}",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = sorted(p for p in tmp_path.iterdir() if p.is_dir() and p.name.isdigit())
+    assert [p.name for p in runs] == ["0", "1"]
+    lrs = []
+    for run in runs:
+        assert "val/acc_best" in json.loads((run / "metrics.json").read_text())
+        lrs.append((run / ".hydra" / "overrides.yaml").read_text())
+    assert "optimizer.lr=0.2" in lrs[0] and "optimizer.lr=0.02" in lrs[1]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.name=resnet19"], "model.name='resnet19' is unknown"),
+        (["stage.name=probe"], "stage 'probe' is unknown"),
+        (["optimizer.lr=-0.1"], "optimizer.lr=-0.1 must be a number > 0"),
+        (["optimizer.lr=0"], "optimizer.lr=0 must be a number > 0"),
+        (["stage=finetune", "model.weights_path=x.pt"], "model.weights_path=x.pt does not exist"),
+        (["stage=finetune"], "stage=finetune starts from pretrained weights but resnet20 has none"),
+        (
+            ["model=resnet18", "stage=finetune", "model.pretrained=true", "trainer.max_epochs=1"],
+            "unfreeze_at_epoch=1 must be < trainer.max_epochs=1",
+        ),
+        (["model=resnet18", "stage=linear_probe", "model.pretrained=false"], "set model.pretrained=true"),
+        (["ckpt_path=nowhere.ckpt"], "ckpt_path=nowhere.ckpt does not exist"),
+        (["label_smoothing=1.5"], "label_smoothing=1.5 must be in"),
+        (["scheduler=multistep", "scheduler.milestones=[50,75]"], "fractions of training"),
+    ],
+)
+def test_config_errors_are_caught_before_anything_loads(overrides, message, tmp_path):
+    cfg = compose_cfg(overrides, tmp_path)
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        validate_train_config(cfg)
+
+
+def _assert_one_line_error(proc, message: str) -> None:
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model=resnet99"], "Could not find 'model/resnet99'"),
+        (["optimizer.lr=-1"], "error: optimizer.lr=-1 must be a number > 0"),
+        (["data.download=false"], "error: CIFAR-10 not found"),
+        (["model=resnet18", "stage=finetune"], "error: cannot get the ImageNet weights resnet18."),
+    ],
+)
+def test_cli_errors_are_one_line_without_traceback(overrides, message, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    env_overrides = [f"data.root={empty}", f"hydra.run.dir={tmp_path / 'run'}"]
+    proc = run_script("train.py", *env_overrides, *overrides, cwd=tmp_path)
+    _assert_one_line_error(proc, message)
+    assert proc.returncode in (1, 2)
+
+
+def test_resume_from_a_file_that_is_not_a_checkpoint(tmp_path, synthetic_root):
+    bogus = tmp_path / "bogus.ckpt"
+    bogus.write_text("hello")
+    proc = run_script(
+        "train.py",
+        *synthetic_overrides(synthetic_root),
+        f"ckpt_path={bogus}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+    )
+    _assert_one_line_error(proc, "is not a PyTorch checkpoint")
+    assert proc.returncode == 2
