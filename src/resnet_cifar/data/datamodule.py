@@ -51,7 +51,10 @@ class IndexedImages(Dataset):
             x = self.transform(x)
         return x, self.labels[j], j
 
-    def __getitems__(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __getitems__(self, idx: list[int]) -> Any:
+        """A whole batch in one indexing op; per sample (a list to collate) when there is a transform."""
+        if self.transform is not None:  # DataLoader prefers __getitems__: keep per-sample transforms
+            return [self[i] for i in idx]
         j = self.indices[torch.as_tensor(idx, dtype=torch.long)]
         return self.images[j], self.labels[j], j
 
