@@ -32,6 +32,8 @@ class ImageClassifier(pl.LightningModule):
         class_names: kept with the checkpoint for reports and inference.
         channels_last: run convolutions in channels-last memory format.
         tta_flip: average the logits of each image and its mirror image at val/test time.
+        compile: run the model through ``torch.compile`` (the compiled wrapper is not a submodule,
+            so checkpoints keep the plain ``model.*`` keys).
     """
 
     def __init__(
@@ -45,6 +47,7 @@ class ImageClassifier(pl.LightningModule):
         class_names: list[str] | None = None,
         channels_last: bool = False,
         tta_flip: bool = False,
+        compile: bool = False,
         load_weights: bool = True,
     ) -> None:
         super().__init__()
@@ -60,6 +63,8 @@ class ImageClassifier(pl.LightningModule):
             self.model.backbone.requires_grad_(False)
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
+        # Kept out of nn.Module's registry: same parameters, no extra state_dict keys.
+        object.__setattr__(self, "_run_model", torch.compile(self.model) if compile else self.model)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -79,7 +84,7 @@ class ImageClassifier(pl.LightningModule):
             with torch.no_grad():
                 features = self.model.backbone(x)
             return self.model.head(features)
-        return self.model(x)
+        return self._run_model(x)
 
     def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Eval-time logits, averaged with the mirror image when ``tta_flip``."""
