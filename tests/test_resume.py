@@ -4,6 +4,7 @@ unfreeze epoch, dropout on so that the random state matters too)."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import random
@@ -125,6 +126,10 @@ def test_sigterm_saves_exits_and_resumes(synthetic_root, weights_file, reference
     metrics = train(compose_cfg(args, out))
     assert metrics["epochs"] == EPOCHS
     assert_same_run(out, reference)
+    # the resumed run appended to the CSV log of the stopped one
+    with (out / "csv" / "metrics.csv").open() as f:
+        steps = {int(row["step"]) for row in csv.DictReader(f)}
+    assert min(steps) < step and max(steps) >= EPOCHS * STEPS_PER_EPOCH - 1
 
 
 def test_fresh_start_refuses_to_overwrite_a_run(synthetic_root, weights_file, tmp_path):

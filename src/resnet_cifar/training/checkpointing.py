@@ -27,6 +27,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from pytorch_lightning.callbacks import Checkpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from resnet_cifar.errors import OutputError
@@ -95,7 +96,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class LastCheckpoint(pl.Callback):
+class LastCheckpoint(Checkpoint):
     """Keep ``<dirpath>/last.ckpt`` current, so that a crash loses little.
 
     Saved every ``every_n_train_steps`` optimizer steps and/or ``every_n_minutes`` of
@@ -105,7 +106,12 @@ class LastCheckpoint(pl.Callback):
     ``save_last`` only follows a top-k save.
 
     Mid-epoch saves skip an epoch's last batch: the epoch-end save follows it, after validation.
+    A ``Checkpoint`` subclass, so Lightning runs it after the ``ModelCheckpoint`` listed
+    before it (the epoch's best checkpoint exists before ``last.ckpt`` moves past the epoch)
+    and adds no default ``ModelCheckpoint`` when it is the only checkpoint callback.
     """
+
+    best_model_path = ""  # Trainer.checkpoint_callback may be this callback: it tracks no best
 
     def __init__(
         self,
