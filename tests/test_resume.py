@@ -17,13 +17,14 @@ import pytest
 import torch
 from conftest import REPO, compose_cfg, synthetic_overrides
 
+from resnet_cifar.cli import EXIT_TERMINATED
 from resnet_cifar.data.datamodule import EpochShuffle
 from resnet_cifar.data.loader import ResumableLoader
 from resnet_cifar.models.factory import build_model
-from resnet_cifar.run import EXIT_TERMINATED, train
+from resnet_cifar.run import train
 
 STEPS_PER_EPOCH = 8  # 400 training images / batch 50
-EPOCHS = 3
+EPOCHS = 2  # epoch 0 frozen, epoch 1 the unfreeze epoch
 
 
 @pytest.fixture(scope="module")

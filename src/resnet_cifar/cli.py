@@ -10,11 +10,13 @@ from typing import Any
 
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from omegaconf.errors import OmegaConfBaseException
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from resnet_cifar.errors import UserError
 
 log = logging.getLogger("resnet_cifar")
 EXIT_USER_ERROR = 2
+EXIT_TERMINATED = 128 + 15  # the shell's status of a process ended by SIGTERM: not finished, resumable
 
 
 def run_task(task: Callable[..., Any], *args: Any) -> Any:
@@ -24,6 +26,9 @@ def run_task(task: Callable[..., Any], *args: Any) -> Any:
     except (UserError, MisconfigurationException, OmegaConfBaseException) as e:
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         _exit_with(message)
+    except SIGTERMException:  # stopped by SIGTERM outside fitting (which saves and exits itself)
+        log.warning("Stopped by SIGTERM")
+        sys.exit(EXIT_TERMINATED)
     except OSError as e:
         if e.errno not in OUTPUT_ERRNOS:
             raise

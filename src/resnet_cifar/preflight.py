@@ -24,8 +24,11 @@ def output_dirs(argv: Sequence[str]) -> list[tuple[str, str]]:
         key, sep, value = arg.lstrip("+~").partition("=")
         if sep and key in DIR_KEYS and value and "${" not in value:
             found.append((key, value))
-    if not any(k == "paths.log_dir" for k, _ in found):
-        found.append(("paths.log_dir", os.environ.get("RESNET_CIFAR_LOGS", "logs")))
+    if not any(k.startswith("hydra.") for k, _ in found):  # the run directory goes under paths.log_dir
+        if not any(k == "paths.log_dir" for k, _ in found):
+            found.append(("paths.log_dir", os.environ.get("RESNET_CIFAR_LOGS", "logs")))
+    else:
+        found = [(k, v) for k, v in found if k.startswith("hydra.")]
     return found
 
 

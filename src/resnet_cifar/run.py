@@ -14,6 +14,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from resnet_cifar.cli import EXIT_TERMINATED
 from resnet_cifar.config import to_dict, validate_train_config
 from resnet_cifar.data.datamodule import CIFAR10DataModule
 from resnet_cifar.errors import ConfigError, OutputError, WeightsError
@@ -22,7 +23,6 @@ from resnet_cifar.training.checkpointing import resolve_ckpt_path
 from resnet_cifar.training.module import ImageClassifier
 
 log = logging.getLogger(__name__)
-EXIT_TERMINATED = 128 + 15  # the shell's status of a process ended by SIGTERM: not finished, resumable
 
 
 def build_datamodule(data_cfg: DictConfig | dict) -> CIFAR10DataModule:
