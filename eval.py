@@ -4,6 +4,7 @@ import hydra
 from omegaconf import DictConfig
 
 from resnet_cifar.cli import run_task
+from resnet_cifar.preflight import check_output_dirs
 from resnet_cifar.run import evaluate
 
 
@@ -13,4 +14,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_output_dirs()  # before Hydra creates the run directory
     main()

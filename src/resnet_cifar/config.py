@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from resnet_cifar.errors import ConfigError
 from resnet_cifar.models.factory import CIFAR_MODELS, MODELS
+from resnet_cifar.schema import check_schema
 from resnet_cifar.stages import FreezeSchedule
 from resnet_cifar.training.optim import check_optimizer, check_scheduler
 
@@ -33,6 +34,8 @@ def _positive_int(key: str, value: Any) -> None:
 
 def validate_train_config(cfg: DictConfig) -> None:
     """Fail fast on values that would otherwise fail minutes later (or silently)."""
+    check_schema(to_dict(cfg))  # unknown keys, types, ranges (resnet_cifar.schema)
+    check_combinations(cfg)
     model = to_dict(cfg.model)
     name = model.get("name")
     if name not in MODELS:
@@ -65,3 +68,30 @@ def validate_train_config(cfg: DictConfig) -> None:
     ckpt = cfg.get("ckpt_path")
     if ckpt and ckpt != "last" and not Path(ckpt).expanduser().is_file():
         raise ConfigError(f"ckpt_path={ckpt} does not exist (or is not a file)")
+
+
+def check_combinations(cfg: DictConfig) -> None:
+    """Values that are fine alone but not together."""
+    data, aug = cfg.data, cfg.data.augment
+    if aug.crop_padding and data.image_size < 32:
+        raise ConfigError(
+            f"data.image_size={data.image_size} is smaller than the 32x32 random crop "
+            f"(data.augment.crop_padding={aug.crop_padding}): expected data.image_size >= 32, "
+            "or data.augment.crop_padding=0 to train on downscaled images"
+        )
+    max_epochs = cfg.trainer.get("max_epochs")
+    warmup = cfg.scheduler.get("warmup_epochs", 0) or 0
+    if max_epochs and max_epochs > 0 and warmup >= max_epochs:
+        raise ConfigError(
+            f"scheduler.warmup_epochs={warmup} must be < trainer.max_epochs={max_epochs} (the warm-up never ends)"
+        )
+    monitors = [
+        f"callbacks.{name}.monitor"
+        for name, cb in (cfg.get("callbacks") or {}).items()
+        if isinstance(cb, DictConfig) and str(cb.get("monitor") or "").startswith("val/")
+    ]
+    if data.val_size == 0 and monitors:
+        raise ConfigError(
+            f"data.val_size=0 leaves no validation set, but {monitors[0]} watches a val/ metric: "
+            "expected data.val_size >= 1, or ~callbacks.model_checkpoint"
+        )

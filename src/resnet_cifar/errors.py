@@ -20,3 +20,7 @@ class DataError(UserError):
 
 class WeightsError(UserError):
     """A checkpoint or weights file cannot be used."""
+
+
+class OutputError(UserError):
+    """An output (run directory, checkpoint, log) cannot be written."""

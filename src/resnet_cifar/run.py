@@ -12,11 +12,14 @@ from typing import Any
 import hydra
 import pytorch_lightning as pl
 from omegaconf import DictConfig
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from resnet_cifar.cli import EXIT_TERMINATED
 from resnet_cifar.config import to_dict, validate_train_config
 from resnet_cifar.data.datamodule import CIFAR10DataModule
-from resnet_cifar.errors import ConfigError, WeightsError
+from resnet_cifar.errors import ConfigError, OutputError, WeightsError
 from resnet_cifar.models.weights import safe_load
+from resnet_cifar.training.checkpointing import resolve_ckpt_path
 from resnet_cifar.training.module import ImageClassifier
 
 log = logging.getLogger(__name__)
@@ -71,10 +74,14 @@ def check_resume_checkpoint(path: str) -> None:
 
 def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
     """Write JSON atomically: a crash mid-write never leaves a half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def _floats(d: dict[str, Any]) -> dict[str, float]:
@@ -84,10 +91,12 @@ def _floats(d: dict[str, Any]) -> dict[str, float]:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit, test the best checkpoint, write ``metrics.json``; return the metrics."""
     validate_train_config(cfg)
-    if cfg.get("ckpt_path") and cfg.ckpt_path != "last":
-        check_resume_checkpoint(cfg.ckpt_path)
-    pl.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
+    callbacks = _instantiate_all(cfg.get("callbacks"))
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), out_dir, callbacks)
+    if ckpt_path:
+        check_resume_checkpoint(ckpt_path)
+    pl.seed_everything(cfg.seed, workers=True)
 
     datamodule = build_datamodule(cfg.data)
     module = ImageClassifier(
@@ -100,13 +109,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         class_names=datamodule.class_names,
         **to_dict(cfg.get("module")),
     )
-    callbacks = _instantiate_all(cfg.get("callbacks"))
     loggers = _instantiate_all(cfg.get("logger"))
-    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    plugins = _instantiate_all(cfg.get("plugins"))
+    trainer: pl.Trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins or None
+    )
     if loggers:
         log_hyperparameters(trainer, cfg, module)
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except SIGTERMException:  # Lightning stops at a batch end; LastCheckpoint has saved last.ckpt
+        log.warning(
+            "Stopped by SIGTERM. Resume with: python train.py <same overrides> ckpt_path=last hydra.run.dir=%s", out_dir
+        )
+        raise SystemExit(EXIT_TERMINATED) from None
     metrics = _floats({k: v for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))})
 
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""

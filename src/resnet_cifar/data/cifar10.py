@@ -51,10 +51,36 @@ class Split:
         return len(self.labels)
 
 
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, bytes and numpy arrays only: a batch file cannot run code."""
+
+    ALLOWED = {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise _RefusedGlobal(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    pass
+
+
 def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         with path.open("rb") as f:
-            entry = pickle.load(f, encoding="bytes")
+            entry = _BatchUnpickler(f, encoding="bytes").load()
+    except _RefusedGlobal as e:
+        raise DataError(
+            f"{path} was refused: it references {e}, which a CIFAR-10 batch never does (unpickling it could run "
+            "code); replace it with the official files"
+        ) from None
     except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError) as e:
         raise DataError(
             f"{path} is unreadable or truncated ({type(e).__name__}: {e}); "

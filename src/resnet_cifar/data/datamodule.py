@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from resnet_cifar.data import cifar10
 from resnet_cifar.data.augment import BatchAugment
+from resnet_cifar.data.loader import ResumableLoader
 from resnet_cifar.data.splits import per_class_budget, select_classes, stratified_split
 from resnet_cifar.errors import ConfigError
 
@@ -70,13 +71,19 @@ class EpochShuffle(Sampler[int]):
 
     def __init__(self, n: int, seed: int) -> None:
         self.n, self.seed, self.epoch = n, seed, 0
+        self._skip = 0
 
     def set_epoch(self, epoch: int) -> None:  # called by Lightning at each epoch start
         self.epoch = epoch
 
+    def skip_next(self, num_samples: int) -> None:
+        """Start the next pass ``num_samples`` into the permutation (a mid-epoch resume)."""
+        self._skip = num_samples
+
     def __iter__(self) -> Iterator[int]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        skip, self._skip = self._skip, 0
+        return iter(torch.randperm(self.n, generator=g)[skip:].tolist())
 
     def __len__(self) -> int:
         return self.n
@@ -149,6 +156,8 @@ class CIFAR10DataModule(pl.LightningDataModule):
             seed=seed,
         )
         self.splits: dict[str, IndexedImages] = {}
+        self._train_loader: DataLoader | None = None
+        self._train_loader_state: dict[str, int] | None = None
 
     def _validate(self, loader, batch_size, eval_batch_size, val_size, image_size, classes, train_per_class) -> None:
         a = self.augment_cfg
@@ -258,9 +267,10 @@ class CIFAR10DataModule(pl.LightningDataModule):
         train = split == "train"
         batch_size = hp.batch_size if train else hp.eval_batch_size
         sampler = EpochShuffle(len(ds), hp.seed) if train else None
+        loader_cls = ResumableLoader if train else DataLoader
         if hp.loader == "tensor":
-            return DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=train, collate_fn=_as_batch)
-        return DataLoader(
+            return loader_cls(ds, batch_size=batch_size, sampler=sampler, drop_last=train, collate_fn=_as_batch)
+        return loader_cls(
             ds,
             batch_size=batch_size,
             sampler=sampler,
@@ -271,7 +281,25 @@ class CIFAR10DataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train")
+        self._train_loader = self._loader("train")
+        self._apply_train_loader_state()
+        return self._train_loader
+
+    # Lightning restores a stateful train loader itself, except when the loader was requested
+    # before the checkpoint was restored (``trainer.estimated_stepping_batches`` in
+    # ``configure_optimizers``, Lightning issue #20550): the DataModule's state covers that case.
+    def state_dict(self) -> dict[str, Any]:
+        loader = self._train_loader
+        return {"train_loader": loader.state_dict()} if isinstance(loader, ResumableLoader) else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._train_loader_state = state_dict.get("train_loader")
+        self._apply_train_loader_state()
+
+    def _apply_train_loader_state(self) -> None:
+        if self._train_loader_state is not None and isinstance(self._train_loader, ResumableLoader):
+            self._train_loader.load_state_dict(self._train_loader_state)
+            self._train_loader_state = None
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")

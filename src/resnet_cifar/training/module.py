@@ -15,6 +15,7 @@ from resnet_cifar.errors import WeightsError
 from resnet_cifar.models.factory import build_model
 from resnet_cifar.models.weights import safe_load
 from resnet_cifar.stages import FreezeSchedule
+from resnet_cifar.training import metric_state
 from resnet_cifar.training.optim import build_optimizer, build_scheduler, check_optimizer, param_groups
 
 
@@ -70,6 +71,7 @@ class ImageClassifier(pl.LightningModule):
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self.val_acc_best = MaxMetric()
+        self._resumed_metric_states: dict | None = None
 
     # ----------------------------------------------------------- forward
     def backbone_trainable(self) -> bool:
@@ -78,9 +80,11 @@ class ImageClassifier(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.hparams.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        if self.training and self.model.backbone.training != self.backbone_trainable():
+            # Lightning restores the modes of before validation, never calls train(): set them here.
+            self.model.backbone.train(self.backbone_trainable())
         if self.training and not self.backbone_trainable():
             # Frozen phase: no graph through the backbone, and its batch-norm statistics stay.
-            self.model.backbone.eval()
             with torch.no_grad():
                 features = self.model.backbone(x)
             return self.model.head(features)
@@ -96,6 +100,14 @@ class ImageClassifier(pl.LightningModule):
     # -------------------------------------------------------------- steps
     def on_train_start(self) -> None:
         self.val_acc_best.reset()  # forget the sanity-check validation
+        metric_state.restore(self, self._resumed_metric_states)  # a resumed run: where it stopped
+        self._resumed_metric_states = None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[metric_state.KEY] = metric_state.collect(self, ("train_acc", "val_acc_best"))
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._resumed_metric_states = checkpoint.get(metric_state.KEY)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch

@@ -1,0 +1,289 @@
+"""The typed schema of ``conf/train.yaml``: every key, its type and its allowed range.
+
+:func:`check_schema` walks the composed config against these dataclasses before anything
+is built or loaded, and raises one :class:`~resnet_cifar.errors.ConfigError` line for the
+first problem: an unknown key, a value of the wrong type, or a value out of range, e.g.::
+
+    optimizer.lr=-0.1: expected a number in (0, 10]
+
+A new config key must be added here (with its type and range) to be accepted.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from resnet_cifar.errors import ConfigError
+
+_MISSING = object()
+
+
+def _num(x: float) -> str:
+    return str(x) if isinstance(x, int) else f"{x:g}"
+
+
+def _rng(lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False):
+    """A range check for ``field(metadata=...)``: ``(predicate, description)``."""
+
+    def ok(v: Any) -> bool:
+        if isinstance(v, float) and not math.isfinite(v):
+            return False
+        if lo is not None and (v <= lo if lo_open else v < lo):
+            return False
+        return not (hi is not None and (v >= hi if hi_open else v > hi))
+
+    if lo is not None and hi is not None:
+        text = f"in {'(' if lo_open else '['}{_num(lo)}, {_num(hi)}{')' if hi_open else ']'}"
+    elif lo is not None:
+        text = f"{'>' if lo_open else '>='} {_num(lo)}"
+    else:
+        text = f"{'<' if hi_open else '<='} {_num(hi)}"
+    return ok, text
+
+
+def _choice(*options: str):
+    return (lambda v: v in options), "one of " + ", ".join(options)
+
+
+def f(default: Any = _MISSING, check: tuple | None = None, each: tuple | None = None, **kw) -> Any:
+    """A schema field: ``check`` applies to the value, ``each`` to every item of a list."""
+    meta = {"check": check, "each": each}
+    if default is _MISSING:
+        return field(metadata=meta, **kw)
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        return field(default_factory=lambda d=default: copy.deepcopy(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+POSITIVE = _rng(1)
+NON_NEGATIVE = _rng(0)
+FRACTION = _rng(0, 1)
+
+
+@dataclass
+class AugmentSchema:
+    crop_padding: int = f(4, _rng(0, 16))
+    flip: bool = f(True)
+    cutout: int = f(0, _rng(0, 32))
+    color_jitter: float = f(0.0, _rng(0, 1))
+    autoaugment: bool = f(False)
+    random_erasing: float = f(0.0, FRACTION)
+
+
+@dataclass
+class DataSchema:
+    root: str = f("data")
+    download: bool = f(True)
+    val_size: int = f(5000, _rng(0, 49_999))
+    split_seed: int = f(0, NON_NEGATIVE)
+    seed: int = f(0, NON_NEGATIVE)
+    batch_size: int = f(128, _rng(1, 65_536))
+    eval_batch_size: int = f(500, _rng(1, 65_536))
+    loader: str = f("tensor", _choice("tensor", "torchvision"))
+    num_workers: int = f(0, _rng(0, 256))
+    pin_memory: bool = f(False)
+    on_device: bool = f(False)
+    mean: list[float] = f([0.4914, 0.4822, 0.4465], ((lambda v: len(v) == 3), "3 values"), FRACTION)
+    std: list[float] = f([0.2470, 0.2435, 0.2616], ((lambda v: len(v) == 3), "3 values"), _rng(0, 1, lo_open=True))
+    image_size: int = f(32, _rng(8, 1024))
+    augment: AugmentSchema = f(AugmentSchema())
+    classes: list[int] | None = f(
+        None, ((lambda v: len(v) >= 2 and len(set(v)) == len(v)), "at least 2 distinct class ids"), _rng(0, 9)
+    )
+    train_per_class: int | None = f(None, _rng(1, 5000))
+    strict_sizes: bool = f(True)
+
+
+@dataclass
+class ModelSchema:
+    name: str = f("resnet20")  # checked against the model registry in config.py
+    # CIFAR ResNets
+    block: str = f("basic", _choice("basic", "bottleneck"))
+    shortcut: str = f("A", _choice("A", "B"))
+    # torchvision ResNets
+    pretrained: bool = f(False)
+    weights: str = f("DEFAULT")
+    cifar_stem: bool = f(False)
+    # both
+    weights_path: str | None = f(None)
+    dropout: float = f(0.0, _rng(0, 1, hi_open=True))
+
+
+@dataclass
+class StageSchema:
+    name: str = f("scratch", _choice("scratch", "linear_probe", "finetune"))
+    pretrained: bool = f(False)
+    unfreeze_at_epoch: int = f(0, _rng(0, 100_000))
+    backbone_lr_ratio: float = f(1.0, _rng(0, 10, lo_open=True))
+
+
+@dataclass
+class OptimizerSchema:
+    name: str = f("sgd", _choice("sgd", "adamw"))
+    lr: float = f(0.1, _rng(0, 10, lo_open=True))
+    weight_decay: float = f(0.0, _rng(0, 1))
+    no_decay_bn_bias: bool = f(True)
+    # sgd
+    momentum: float = f(0.9, _rng(0, 1, hi_open=True))
+    nesterov: bool = f(False)
+    # adamw
+    betas: list[float] = f([0.9, 0.999], ((lambda v: len(v) == 2), "2 values"), _rng(0, 1, hi_open=True))
+    eps: float = f(1e-8, _rng(0, 1, lo_open=True))
+
+
+@dataclass
+class SchedulerSchema:
+    name: str = f("cosine", _choice("cosine", "onecycle", "multistep", "none"))
+    warmup_epochs: float = f(0.0, _rng(0, 100_000))
+    warmup_start: float = f(0.0, FRACTION)
+    min_lr_ratio: float = f(0.0, FRACTION)
+    milestones: list[float] = f([], each=_rng(0, 1, lo_open=True, hi_open=True))
+    gamma: float = f(0.1, _rng(0, 1, lo_open=True))
+    pct_start: float = f(0.25, _rng(0, 1, lo_open=True, hi_open=True))
+    div_factor: float = f(25.0, _rng(1))
+    final_div_factor: float = f(1e4, _rng(1))
+    anneal_strategy: str = f("linear", _choice("linear", "cos"))
+    cycle_momentum: bool = f(False)
+
+
+@dataclass
+class ModuleSchema:
+    channels_last: bool = f(False)
+    tta_flip: bool = f(False)
+
+
+@dataclass
+class TrainSchema:
+    task_name: str = f("train")
+    run_name: str | int | None = f(None, ((lambda v: "/" not in str(v) and str(v) not in ("", ".", "..")), "a name"))
+    seed: int = f(42, _rng(0, 2**32 - 1))
+    ckpt_path: str | None = f(None)
+    test: bool = f(True)
+    label_smoothing: float = f(0.0, _rng(0, 1, hi_open=True))
+    optimized_metric: str | None = f(None)
+    data: DataSchema = f(DataSchema())
+    model: ModelSchema = f(ModelSchema())
+    stage: StageSchema = f(StageSchema())
+    optimizer: OptimizerSchema = f(OptimizerSchema())
+    scheduler: SchedulerSchema = f(SchedulerSchema())
+    module: ModuleSchema = f(ModuleSchema())
+    # Free-form groups: instantiated objects (``_target_`` entries) and paths.
+    trainer: dict = f({})
+    callbacks: dict | None = f({})
+    logger: dict | None = f({})
+    plugins: dict | None = f({})
+    paths: dict = f({})
+
+
+# Trainer arguments checked beyond "is an argument of pytorch_lightning.Trainer".
+TRAINER_CHECKS: dict[str, tuple[type | tuple[type, ...], tuple | None]] = {
+    "max_epochs": (int, ((lambda v: v == -1 or v >= 1), ">= 1 (or -1: no limit)")),
+    "max_steps": (int, ((lambda v: v == -1 or v >= 1), ">= 1 (or -1: no limit)")),
+    "log_every_n_steps": (int, POSITIVE),
+    "check_val_every_n_epoch": (int, POSITIVE),
+    "accumulate_grad_batches": (int, POSITIVE),
+    "deterministic": (bool, None),
+    "gradient_clip_val": ((int, float), _rng(0, lo_open=True)),
+    "num_nodes": (int, POSITIVE),
+}
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_type_name(a) for a in args) + " or null"
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}s"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string", dict: "a mapping"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
+
+
+def _is_type(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return any(_is_type(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if origin is list:
+        return isinstance(value, (list, tuple)) and all(_is_type(v, typing.get_args(tp)[0]) for v in value)
+    if dataclasses.is_dataclass(tp) or tp is dict:
+        return isinstance(value, dict)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _fail(key: str, value: Any, expected: str) -> ConfigError:
+    return ConfigError(f"{key}={value!r}: expected {expected}")
+
+
+def _check_value(key: str, value: Any, check: tuple | None, tp: Any = None) -> None:
+    if check is not None and value is not None:
+        ok, text = check
+        if not ok(value):
+            is_range = text.startswith(("in ", ">", "<"))
+            scalar = int if isinstance(value, int) else float
+            raise _fail(key, value, f"{_type_name(scalar)} {text}" if is_range else text)
+
+
+def check_against(schema: type, values: dict[str, Any], prefix: str) -> None:
+    """Unknown keys, types and ranges of ``values`` (a plain dict) against a schema dataclass."""
+    fields = {fl.name: fl for fl in dataclasses.fields(schema)}
+    hints = typing.get_type_hints(schema)
+    for key, value in values.items():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(
+                f"{full} is not a known key (known keys of {prefix.rstrip('.') or 'the config'}: {known})"
+            )
+        tp = hints[key]
+        if not _is_type(value, tp):
+            raise _fail(full, value, _type_name(tp))
+        meta = fields[key].metadata
+        nested = tp if dataclasses.is_dataclass(tp) else None
+        if nested is not None:
+            check_against(nested, value, full + ".")
+            continue
+        _check_value(full, value, meta.get("check"))
+        if meta.get("each") and isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                _check_value(f"{full}[{i}]", item, meta["each"])
+
+
+def check_trainer(trainer: dict[str, Any]) -> None:
+    import pytorch_lightning as pl
+
+    allowed = set(inspect.signature(pl.Trainer.__init__).parameters) - {"self"}
+    for key, value in trainer.items():
+        if key.startswith("_") and key.endswith("_"):  # _target_, _partial_, ...
+            continue
+        if key not in allowed:
+            raise ConfigError(
+                f"trainer.{key} is not an argument of pytorch_lightning.Trainer "
+                "(see https://lightning.ai/docs/pytorch/stable/common/trainer.html)"
+            )
+        if key in TRAINER_CHECKS and value is not None:
+            tp, check = TRAINER_CHECKS[key]
+            if isinstance(value, bool) and tp is not bool or not isinstance(value, tp):
+                raise _fail(f"trainer.{key}", value, _type_name(tp if isinstance(tp, type) else float))
+            _check_value(f"trainer.{key}", value, check)
+
+
+def check_schema(cfg: dict[str, Any]) -> None:
+    """Check a resolved train config (plain dict) against :class:`TrainSchema` and the Trainer's arguments."""
+    check_against(TrainSchema, cfg, "")
+    check_trainer(cfg.get("trainer") or {})

@@ -1,0 +1,219 @@
+"""Checkpoints a run can be resumed from: written atomically, often, and on SIGTERM.
+
+- :class:`AtomicCheckpointIO` writes every checkpoint to a temporary file in the target
+  directory, fsyncs it and renames it over the target: a crash or a kill during the write
+  leaves the previous file intact. (Lightning's own ``_atomic_save`` stages the file in
+  the system temp directory and moves it; across file systems that move is a copy, and a
+  kill during the copy truncates the target.) A failed write (disk full, no permission)
+  becomes one :class:`~resnet_cifar.errors.OutputError` line.
+- :class:`LastCheckpoint` keeps ``last.ckpt`` current: every ``every_n_train_steps``
+  steps and/or ``every_n_minutes`` minutes, after every epoch, at the end of training, and
+  when Lightning stops the run on SIGTERM. It also saves the global random state (dropout)
+  so that a resumed run draws the same numbers as an uninterrupted one.
+- :func:`resolve_ckpt_path` turns ``ckpt_path=last`` into this run directory's newest
+  ``last.ckpt`` (or SLURM ``hpc_ckpt_*.ckpt``).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from pytorch_lightning.callbacks import Checkpoint
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+from resnet_cifar.errors import OutputError
+
+log = logging.getLogger(__name__)
+
+LAST = "last.ckpt"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # not supported everywhere (e.g. Windows): the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to ``path`` via a temporary file in the same directory and ``os.replace``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        reason = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else e.strerror or type(e).__name__
+        raise OutputError(
+            f"cannot write checkpoint {path}: {reason}; checkpoints written before are intact "
+            f"(free space or fix permissions, then resume with ckpt_path=last)"
+        ) from None
+    _fsync_dir(path.parent)
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a process killed mid-write
+        stale.unlink(missing_ok=True)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``TorchCheckpointIO`` whose local writes are atomic (see the module docstring)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None or "://" in str(path):  # remote storage: Lightning's fsspec path
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        atomic_torch_save(checkpoint, path)
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class LastCheckpoint(Checkpoint):
+    """Keep ``<dirpath>/last.ckpt`` current, so that a crash loses little.
+
+    Saved every ``every_n_train_steps`` optimizer steps and/or ``every_n_minutes`` of
+    training (either may be null), after each epoch (validation included), at the end of
+    training and on SIGTERM. Lightning's ``ModelCheckpoint`` cannot do this in one
+    callback: its step, time and epoch triggers are mutually exclusive, and its
+    ``save_last`` only follows a top-k save.
+
+    Mid-epoch saves skip an epoch's last batch: the epoch-end save follows it, after validation.
+    A ``Checkpoint`` subclass, so Lightning runs it after the ``ModelCheckpoint`` listed
+    before it (the epoch's best checkpoint exists before ``last.ckpt`` moves past the epoch)
+    and adds no default ``ModelCheckpoint`` when it is the only checkpoint callback.
+    """
+
+    best_model_path = ""  # Trainer.checkpoint_callback may be this callback: it tracks no best
+
+    def __init__(
+        self,
+        dirpath: str | os.PathLike,
+        every_n_train_steps: int | None = None,
+        every_n_minutes: float | None = 10.0,
+        filename: str = LAST,
+    ) -> None:
+        if every_n_train_steps is not None and (not isinstance(every_n_train_steps, int) or every_n_train_steps < 1):
+            raise ValueError(f"every_n_train_steps={every_n_train_steps!r} must be a positive integer or null")
+        if every_n_minutes is not None and not every_n_minutes > 0:
+            raise ValueError(f"every_n_minutes={every_n_minutes!r} must be > 0 or null")
+        self.path = Path(dirpath) / filename
+        self.every_n_train_steps = every_n_train_steps
+        self.every_n_minutes = every_n_minutes
+        self._last_save = time.monotonic()
+        self._saved_step = -1
+        self._pending_rng: dict[str, Any] | None = None
+
+    # ----------------------------------------------------------------- saving
+    def save(self, trainer: pl.Trainer, why: str) -> None:
+        if trainer.sanity_checking or trainer.fast_dev_run:
+            return
+        trainer.save_checkpoint(self.path, weights_only=False)  # every rank must call it (DDP); rank 0 writes
+        self._last_save, self._saved_step = time.monotonic(), trainer.global_step
+        log.debug("Saved %s (%s, step %d)", self.path, why, trainer.global_step)
+
+    def _due(self, trainer: pl.Trainer) -> bool:
+        if trainer.global_step == self._saved_step:
+            return False
+        if self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0:
+            return True
+        if self.every_n_minutes is None:
+            return False
+        due = time.monotonic() - self._last_save >= 60 * self.every_n_minutes
+        return bool(trainer.strategy.broadcast(due))  # ranks must agree: saving is collective
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._last_save = time.monotonic()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch and self._due(trainer):
+            self.save(trainer, "periodic")
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.save(trainer, "epoch end")
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_step != self._saved_step:
+            self.save(trainer, "end of training")
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException):
+            self.save(trainer, "SIGTERM")
+            log.warning("SIGTERM: saved %s at step %d", self.path, trainer.global_step)
+
+    # ----------------------------------------------------- random state
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": _rng_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending_rng = state_dict.get("rng")
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        # Applied at the first batch after a resume: creating the data iterator draws from
+        # the global generator, which the uninterrupted run did at the epoch start.
+        if self._pending_rng is not None:
+            _set_rng_state(self._pending_rng)
+            self._pending_rng = None
+
+
+def find_last_checkpoint(output_dir: str | os.PathLike, checkpoint_dir: str | os.PathLike | None = None) -> Path | None:
+    """The newest of ``<checkpoint_dir>/last.ckpt`` and SLURM's ``<output_dir>/hpc_ckpt_*.ckpt``."""
+    output_dir = Path(output_dir)
+    candidates = [Path(checkpoint_dir or output_dir / "checkpoints") / LAST, *output_dir.glob("hpc_ckpt_*.ckpt")]
+    existing = [p for p in candidates if p.is_file()]
+    return max(existing, key=lambda p: p.stat().st_mtime) if existing else None
+
+
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | os.PathLike, callbacks: list[Any]) -> str | None:
+    """The checkpoint to resume from.
+
+    ``ckpt_path=last`` is this run directory's newest last checkpoint, or None (a fresh
+    start, so that one command line serves the first start and every restart). A fresh
+    start in a directory that already holds a run's last checkpoint is refused: it would
+    overwrite that run's checkpoints.
+    """
+    checkpoint_dir = next((cb.path.parent for cb in callbacks if isinstance(cb, LastCheckpoint)), None)
+    found = find_last_checkpoint(output_dir, checkpoint_dir)
+    if not ckpt_path and found is not None:
+        raise OutputError(
+            f"{output_dir} already holds a run ({found}): resume it with ckpt_path=last, "
+            "or start a new run in another directory (hydra.run.dir=...)"
+        )
+    if ckpt_path != "last":
+        return ckpt_path
+    if found is None:
+        log.warning(
+            "ckpt_path=last: no last.ckpt in %s yet, starting from scratch. To resume a run, start it again in "
+            "its directory: hydra.run.dir=<the run's directory>",
+            output_dir,
+        )
+        return None
+    log.info("Resuming from %s", found)
+    return str(found)

@@ -1,0 +1,166 @@
+"""Exact resume: a run killed mid-epoch and resumed with ``ckpt_path=last`` ends with the
+same weights and metrics as the same run uninterrupted (stage=finetune, in and out of the
+unfreeze epoch, dropout on so that the random state matters too)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, compose_cfg, synthetic_overrides
+
+from resnet_cifar.cli import EXIT_TERMINATED
+from resnet_cifar.data.datamodule import EpochShuffle
+from resnet_cifar.data.loader import ResumableLoader
+from resnet_cifar.models.factory import build_model
+from resnet_cifar.run import train
+
+STEPS_PER_EPOCH = 8  # 400 training images / batch 50
+EPOCHS = 2  # epoch 0 frozen, epoch 1 the unfreeze epoch
+
+
+@pytest.fixture(scope="module")
+def weights_file(tmp_path_factory) -> Path:
+    """A 'pretrained' ResNet-20 to fine-tune from."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "resnet20.pt"
+    torch.save(build_model("resnet20").state_dict(), path)
+    return path
+
+
+def overrides(root: Path, weights: Path) -> list[str]:
+    return [
+        *synthetic_overrides(root),
+        f"trainer.max_epochs={EPOCHS}",
+        "trainer.deterministic=true",
+        "stage=finetune",
+        "stage.unfreeze_at_epoch=1",
+        f"model.weights_path={weights}",
+        "model.dropout=0.2",
+        "scheduler.warmup_epochs=0.5",
+        "callbacks.last_checkpoint.every_n_train_steps=3",
+        "callbacks.last_checkpoint.every_n_minutes=null",
+        "logger=csv",
+    ]
+
+
+def run_train(out_dir: Path, *args: str) -> subprocess.CompletedProcess:
+    """train.py in a subprocess with this run directory, the fault-injection callback importable."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO / "tests")])}
+    return subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *args, f"hydra.run.dir={out_dir}"],
+        cwd=out_dir.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def final_state(out_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(out_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+
+
+def comparable(metrics: dict) -> dict:
+    return {k: (Path(v).name if k == "best_ckpt" else v) for k, v in metrics.items()}
+
+
+@pytest.fixture(scope="module")
+def reference(synthetic_root, weights_file, tmp_path_factory) -> tuple[dict, dict]:
+    """The uninterrupted run (in-process): its metrics and final weights."""
+    out = tmp_path_factory.mktemp("reference")
+    metrics = train(compose_cfg(overrides(synthetic_root, weights_file), out))
+    assert metrics["epochs"] == EPOCHS
+    return comparable(metrics), final_state(out)
+
+
+def assert_same_run(out: Path, reference: tuple[dict, dict]) -> None:
+    ref_metrics, ref_state = reference
+    metrics = comparable(json.loads((out / "metrics.json").read_text()))
+    assert metrics == ref_metrics
+    state = final_state(out)
+    assert state.keys() == ref_state.keys()
+    different = [k for k in state if not torch.equal(state[k], ref_state[k])]
+    assert not different, f"weights differ after resume: {different[:5]}"
+
+
+@pytest.mark.parametrize("epoch", [0, 1], ids=["frozen_epoch", "unfreeze_epoch"])
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(synthetic_root, weights_file, reference, tmp_path, epoch):
+    step = epoch * STEPS_PER_EPOCH + random.Random(epoch).randrange(1, STEPS_PER_EPOCH - 1)
+    out = tmp_path / "run"
+    args = [*overrides(synthetic_root, weights_file), "ckpt_path=last"]
+    killed = run_train(out, *args, "+callbacks.kill._target_=resume_faults.KillAtStep", f"+callbacks.kill.step={step}")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    saved = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    assert 0 < saved["global_step"] <= step  # resumed from a mid-epoch step, work after it was lost
+    assert not (out / "metrics.json").exists()
+
+    # the same command again: finds last.ckpt in the run directory and continues
+    metrics = train(compose_cfg(args, out))
+    assert metrics["epochs"] == EPOCHS
+    assert_same_run(out, reference)
+
+
+def test_sigterm_saves_exits_and_resumes(synthetic_root, weights_file, reference, tmp_path):
+    step = STEPS_PER_EPOCH + 4  # inside the unfreeze epoch
+    out = tmp_path / "run"
+    args = [*overrides(synthetic_root, weights_file), "ckpt_path=last"]
+    stopped = run_train(
+        out,
+        *args,
+        "+callbacks.kill._target_=resume_faults.KillAtStep",
+        f"+callbacks.kill.step={step}",
+        "+callbacks.kill.signal_name=SIGTERM",
+    )
+    assert stopped.returncode == EXIT_TERMINATED, stopped.stderr[-2000:]
+    assert "Traceback" not in stopped.stderr
+    saved = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == step + 1  # the step in flight was finished and saved: nothing lost
+    metrics = train(compose_cfg(args, out))
+    assert metrics["epochs"] == EPOCHS
+    assert_same_run(out, reference)
+    # the resumed run appended to the CSV log of the stopped one
+    with (out / "csv" / "metrics.csv").open() as f:
+        steps = {int(row["step"]) for row in csv.DictReader(f)}
+    assert min(steps) < step and max(steps) >= EPOCHS * STEPS_PER_EPOCH - 1
+
+
+def test_fresh_start_refuses_to_overwrite_a_run(synthetic_root, weights_file, tmp_path):
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "last.ckpt").write_bytes(b"previous run")
+    from resnet_cifar.errors import OutputError
+
+    with pytest.raises(OutputError, match="already holds a run.*ckpt_path=last"):
+        train(compose_cfg(overrides(synthetic_root, weights_file), out))
+    assert (out / "checkpoints" / "last.ckpt").read_bytes() == b"previous run"
+
+
+def test_resumable_loader_skips_the_batches_already_seen():
+    data = list(range(20))
+    full = ResumableLoader(data, batch_size=4, sampler=EpochShuffle(20, seed=3), drop_last=True)
+    full.sampler.set_epoch(2)
+    expected = [b.tolist() for b in full]
+    it = iter(full)
+    seen = [next(it).tolist() for _ in range(2)]
+    state = full.state_dict()
+    assert state == {"epoch": 2, "batches": 2}
+
+    resumed = ResumableLoader(data, batch_size=4, sampler=EpochShuffle(20, seed=3), drop_last=True)
+    resumed.load_state_dict(state)
+    resumed.sampler.set_epoch(2)  # Lightning sets the epoch after restoring, before the first batch
+    rest = [b.tolist() for b in resumed]
+    assert seen + rest == expected
+    assert resumed.state_dict() == {"epoch": 2, "batches": 5}
+    # the skip is one-shot, and never applies to another epoch
+    resumed.load_state_dict(state)
+    resumed.sampler.set_epoch(3)
+    assert len(list(resumed)) == 5
