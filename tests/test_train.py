@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -108,24 +109,33 @@ def test_multirun_sweeps_the_learning_rate(synthetic_root, tmp_path):
     "overrides, message",
     [
         (["model.name=resnet19"], "model.name='resnet19' is unknown"),
-        (["stage.name=probe"], "stage 'probe' is unknown"),
-        (["optimizer.lr=-0.1"], "optimizer.lr=-0.1 must be a number > 0"),
-        (["optimizer.lr=0"], "optimizer.lr=0 must be a number > 0"),
+        (["stage.name=probe"], "stage.name='probe': expected one of scratch, linear_probe, finetune"),
+        (["optimizer.lr=-0.1"], "optimizer.lr=-0.1: expected a number in (0, 10]"),
+        (["optimizer.lr=0"], "optimizer.lr=0: expected a number in (0, 10]"),
         (["stage=finetune", "model.weights_path=x.pt"], "model.weights_path=x.pt does not exist"),
         (["stage=finetune"], "stage=finetune starts from pretrained weights but resnet20 has none"),
         (
-            ["model=resnet18", "stage=finetune", "model.pretrained=true", "trainer.max_epochs=1"],
+            [
+                "model=resnet18",
+                "stage=finetune",
+                "model.pretrained=true",
+                "trainer.max_epochs=1",
+                "scheduler.warmup_epochs=0",
+            ],
             "unfreeze_at_epoch=1 must be < trainer.max_epochs=1",
         ),
         (["model=resnet18", "stage=linear_probe", "model.pretrained=false"], "set model.pretrained=true"),
         (["ckpt_path=nowhere.ckpt"], "ckpt_path=nowhere.ckpt does not exist"),
-        (["label_smoothing=1.5"], "label_smoothing=1.5 must be in"),
-        (["scheduler=multistep", "scheduler.milestones=[50,75]"], "fractions of training"),
+        (["label_smoothing=1.5"], "label_smoothing=1.5: expected a number in [0, 1)"),
+        (
+            ["scheduler=multistep", "scheduler.milestones=[50,75]"],
+            "scheduler.milestones[0]=50: expected a number in (0, 1)",
+        ),
     ],
 )
 def test_config_errors_are_caught_before_anything_loads(overrides, message, tmp_path):
     cfg = compose_cfg(overrides, tmp_path)
-    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         validate_train_config(cfg)
 
 
@@ -139,7 +149,7 @@ def _assert_one_line_error(proc, message: str) -> None:
     "overrides, message",
     [
         (["model=resnet99"], "Could not find 'model/resnet99'"),
-        (["optimizer.lr=-1"], "error: optimizer.lr=-1 must be a number > 0"),
+        (["optimizer.lr=-1"], "error: optimizer.lr=-1: expected a number in (0, 10]"),
         (["data.download=false"], "error: CIFAR-10 not found"),
         (["model=resnet18", "stage=finetune"], "error: cannot get the ImageNet weights resnet18."),
     ],

@@ -157,6 +157,7 @@ class SchedulerSchema:
 class ModuleSchema:
     channels_last: bool = f(False)
     tta_flip: bool = f(False)
+    compile: bool = f(False)
 
 
 @dataclass
@@ -235,7 +236,7 @@ def _check_value(key: str, value: Any, check: tuple | None, tp: Any = None) -> N
         ok, text = check
         if not ok(value):
             is_range = text.startswith(("in ", ">", "<"))
-            scalar = int if isinstance(value, int) else float
+            scalar = int if tp is int or (tp is None and isinstance(value, int)) else float
             raise _fail(key, value, f"{_type_name(scalar)} {text}" if is_range else text)
 
 
@@ -258,10 +259,10 @@ def check_against(schema: type, values: dict[str, Any], prefix: str) -> None:
         if nested is not None:
             check_against(nested, value, full + ".")
             continue
-        _check_value(full, value, meta.get("check"))
+        _check_value(full, value, meta.get("check"), tp)
         if meta.get("each") and isinstance(value, (list, tuple)):
             for i, item in enumerate(value):
-                _check_value(f"{full}[{i}]", item, meta["each"])
+                _check_value(f"{full}[{i}]", item, meta["each"], (typing.get_args(tp) or (None,))[0])
 
 
 def check_trainer(trainer: dict[str, Any]) -> None:
