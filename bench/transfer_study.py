@@ -47,13 +47,14 @@ class Plan:
     batches_per_epoch: int | None = None  # cap (a fresh permutation each epoch); None: the whole budget
 
 
-# Sized so that the study fits within an hour on a shared 2-core CPU at 16x16 inputs, batch 64:
-# 90 / 114 / 180 optimizer steps per cell, three validations each. Small budgets get many
-# short epochs; "all" gets 3 epochs of 60 batches (11,520 of the 23,750 images).
+# Sized for a 2-core CPU shared with other jobs (16x16 inputs, batch 64): 27 / 38 / 48
+# optimizer steps per cell, one validation at the end. Small budgets get many short epochs;
+# "all" gets 3 epochs of 16 batches (3,072 draws from the 23,750 images). With more compute,
+# raise these (and use data.image_size=32 on a GPU).
 PLANS = {
-    "50": Plan(epochs=30, val_every=10),
-    "250": Plan(epochs=6, val_every=2),
-    ALL: Plan(epochs=3, val_every=1, batches_per_epoch=60),
+    "50": Plan(epochs=9, val_every=9),
+    "250": Plan(epochs=2, val_every=2),
+    ALL: Plan(epochs=3, val_every=3, batches_per_epoch=16),
 }
 BEGIN, END = "<!-- transfer-study:begin -->", "<!-- transfer-study:end -->"
 

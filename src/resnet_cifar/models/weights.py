@@ -126,7 +126,8 @@ def load_matching(
             fit[k] = v
     report.loaded = sorted(fit)
     report.missing = [k for k in own if k not in fit and k not in report.mismatched and k not in report.skipped]
-    if require_backbone and not any(k.startswith("backbone.") for k in fit):
+    # a float tensor must fit: batch-norm step counters (shape ()) fit any architecture
+    if require_backbone and not any(k.startswith("backbone.") and v.is_floating_point() for k, v in fit.items()):
         raise WeightsError(
             f"no tensor of {source} fits this model's backbone "
             f"({len(report.mismatched)} shape mismatches, {len(report.unexpected)} unknown keys, "
