@@ -86,7 +86,7 @@ def test_weights_that_do_not_fit_name_the_mismatched_keys(tmp_path):
     wrong = {k: torch.zeros(v.shape[0] + 1, *v.shape[1:]) for k, v in own.items() if v.ndim}
     path = tmp_path / "wrong.pt"
     torch.save(wrong, path)
-    with pytest.raises(WeightsError, match=r"no tensor of .* fits this model's backbone .*backbone\.\w+"):
+    with pytest.raises(WeightsError, match=r"does not fit this model's backbone \(shape mismatch: backbone\.\w+"):
         build_model("resnet20", weights_path=str(path))
 
 
@@ -121,7 +121,7 @@ BAD_CONFIGS = [
     (["stage=finetune", "stage.unfreeze_at_epoch=5", "trainer.max_epochs=5", "model.weights_path=WEIGHTS"],
      ["stage.unfreeze_at_epoch=5", "trainer.max_epochs=5"]),
     (["stage=linear_probe"], ["stage=linear_probe", "pretrained", "model.weights_path"]),
-    (["data.image_size=16"], ["data.image_size=16", "smaller than the 32x32 random crop"]),
+    (["data.augment.cutout=40"], ["data.augment.cutout=40: expected an integer in [0, 32]"]),
     (["data.classes=[1,1]"], ["data.classes=[1, 1]", "distinct"]),
     (["data.augment.flip=maybe"], ["data.augment.flip='maybe'", "true/false"]),
     (["scheduler.warmup_epochs=3", "trainer.max_epochs=3"], ["scheduler.warmup_epochs=3", "< trainer.max_epochs=3"]),

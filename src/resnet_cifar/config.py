@@ -73,12 +73,6 @@ def validate_train_config(cfg: DictConfig) -> None:
 def check_combinations(cfg: DictConfig) -> None:
     """Values that are fine alone but not together."""
     data, aug = cfg.data, cfg.data.augment
-    if aug.crop_padding and data.image_size < 32:
-        raise ConfigError(
-            f"data.image_size={data.image_size} is smaller than the 32x32 random crop "
-            f"(data.augment.crop_padding={aug.crop_padding}): expected data.image_size >= 32, "
-            "or data.augment.crop_padding=0 to train on downscaled images"
-        )
     max_epochs = cfg.trainer.get("max_epochs")
     warmup = cfg.scheduler.get("warmup_epochs", 0) or 0
     if max_epochs and max_epochs > 0 and warmup >= max_epochs:

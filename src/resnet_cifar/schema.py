@@ -113,6 +113,7 @@ class ModelSchema:
     cifar_stem: bool = f(False)
     # both
     weights_path: str | None = f(None)
+    load_head: bool = f(True)
     dropout: float = f(0.0, _rng(0, 1, hi_open=True))
 
 
@@ -181,6 +182,8 @@ class TrainSchema:
     logger: dict | None = f({})
     plugins: dict | None = f({})
     paths: dict = f({})
+    # Values shared by the transfer-study presets (conf/experiment/_transfer.yaml).
+    transfer: dict | None = f(None)
 
 
 # Trainer arguments checked beyond "is an argument of pytorch_lightning.Trainer".

@@ -76,6 +76,7 @@ def build_model(
     pretrained: bool = False,
     weights: str = "DEFAULT",
     weights_path: str | None = None,
+    load_head: bool = True,
     cifar_stem: bool = False,
     block: str = "basic",
     shortcut: str = "A",
@@ -91,6 +92,8 @@ def build_model(
         weights_path: a local file to load instead: a torchvision state dict, one of our
             checkpoints, or an exported state dict. Tensors whose shape does not fit (e.g.
             a head with another class count) are left at initialisation and reported.
+        load_head: also load the file's head when its shape fits. ``False`` for transfer to
+            other classes with the same class count: the head starts fresh.
         cifar_stem: torchvision models only: 3x3 stride-1 stem, no max-pool.
         block, shortcut: CIFAR ResNets only: ``basic``/``bottleneck`` and ``A``/``B``.
     """
@@ -116,7 +119,8 @@ def build_model(
     reinit = ("conv1.",) if cifar_stem else ()  # the replaced stem starts fresh
     if weights_path:
         state = extract_state_dict(safe_load(weights_path, "model.weights_path"))
-        load_matching(model, state, str(weights_path), reinit)
+        skip = () if load_head else ("head.",)
+        load_matching(model, state, str(weights_path), reinit, skip_prefixes=skip)
     elif pretrained:
         state = extract_state_dict(imagenet_state_dict(name, weights))
         load_matching(model, state, f"torchvision {name}.{weights}", reinit)

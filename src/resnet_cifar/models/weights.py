@@ -81,9 +81,15 @@ class LoadReport:
     mismatched: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        parts = [f"loaded {len(self.loaded)} tensors"]
+        by_part: dict[str, int] = {}
+        for k in self.loaded:
+            by_part[k.split(".")[0]] = by_part.get(k.split(".")[0], 0) + 1
+        parts = [f"loaded {len(self.loaded)} tensors ({', '.join(f'{p}.*: {n}' for p, n in by_part.items())})"]
+        if self.skipped:
+            parts.append(f"not loaded on request: {_abbrev(self.skipped)}")
         if self.mismatched:
             mm = ", ".join(f"{k} {tuple(a)} vs model {tuple(b)}" for k, (a, b) in self.mismatched.items())
             parts.append(f"skipped for shape mismatch: {mm}")
@@ -99,25 +105,33 @@ def _abbrev(keys: list[str], n: int = 8) -> str:
 
 
 def load_matching(
-    model: nn.Module, state: dict[str, torch.Tensor], source: str, reinit: tuple[str, ...] = ()
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    source: str,
+    reinit: tuple[str, ...] = (),
+    skip_prefixes: tuple[str, ...] = (),
 ) -> LoadReport:
     """Load ``state`` into ``model``: the whole backbone must fit; the head loads only if it fits.
 
-    Backbone keys starting with one of ``reinit`` (e.g. a replaced stem) may be missing or
-    of another shape and stay at initialisation. Everything skipped is reported by key.
+    Backbone keys starting with one of ``reinit`` (e.g. a replaced stem, relative to
+    ``backbone.``) may be missing or of another shape and stay at initialisation. Keys
+    starting with one of ``skip_prefixes`` (e.g. ``"head."``) are not loaded. Everything
+    left out is reported by key: the summary at INFO, the full lists at DEBUG.
     """
     own = model.state_dict()
     report = LoadReport()
     fit = {}
     for k, v in state.items():
-        if k not in own:
+        if skip_prefixes and k.startswith(skip_prefixes):
+            report.skipped.append(k)
+        elif k not in own:
             report.unexpected.append(k)
         elif own[k].shape != v.shape:
             report.mismatched[k] = (tuple(v.shape), tuple(own[k].shape))
         else:
             fit[k] = v
     report.loaded = sorted(fit)
-    report.missing = [k for k in own if k not in fit and k not in report.mismatched]
+    report.missing = [k for k in own if k not in fit and k not in report.mismatched and k not in report.skipped]
 
     def strict(k: str) -> bool:
         return k.startswith("backbone.") and not k.removeprefix("backbone.").startswith(reinit)
@@ -135,4 +149,7 @@ def load_matching(
         )
     model.load_state_dict(fit, strict=False)
     log.info("weights from %s: %s", source, report.summary())
+    log.debug("loaded keys: %s", ", ".join(report.loaded))
+    left_out = [*report.skipped, *report.mismatched, *report.missing]
+    log.debug("keys left at initialisation: %s", ", ".join(left_out) or "none")
     return report
