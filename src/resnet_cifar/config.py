@@ -72,7 +72,7 @@ def validate_train_config(cfg: DictConfig) -> None:
 
 def check_combinations(cfg: DictConfig) -> None:
     """Values that are fine alone but not together."""
-    data, aug = cfg.data, cfg.data.augment
+    data = cfg.data
     max_epochs = cfg.trainer.get("max_epochs")
     warmup = cfg.scheduler.get("warmup_epochs", 0) or 0
     if max_epochs and max_epochs > 0 and warmup >= max_epochs:
