@@ -125,7 +125,7 @@ def test_ddp_finetune_across_unfreeze_matches_single_process(tmp_path, odd_root,
         "optimizer.lr=0.02",
         "module.lr_scaling=linear",
         "callbacks.model_checkpoint.save_top_k=-1",
-        "+callbacks.probe._target_=ddp_probe.RankDigest",
+        "+callbacks.probe._target_=probes.RankDigest",
         f"+callbacks.probe.out_dir={run / 'probe'}",
         cwd=tmp_path,
     )
@@ -179,7 +179,7 @@ def test_ddp_linear_probe_keeps_backbone(tmp_path, odd_root, weights_file):
         f"model.weights_path={weights_file}",
         "trainer.max_epochs=1",
         "test=false",
-        "+callbacks.probe._target_=ddp_probe.RankDigest",
+        "+callbacks.probe._target_=probes.RankDigest",
         f"+callbacks.probe.out_dir={run / 'probe'}",
         cwd=tmp_path,
     )

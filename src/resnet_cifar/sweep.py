@@ -96,9 +96,10 @@ def _table(summary: dict[str, Any]) -> str:
     def fmt(value: Any) -> str:
         return f"{value:.4f}" if isinstance(value, (int, float)) else "-"
 
-    lines = [f"{'job':>4}  {'status':<9}  {'val/acc_best':>12}  {'test/acc':>8}  overrides / error"]
+    common = set.intersection(*(set(j.get("overrides", [])) for j in summary["jobs"])) if summary["jobs"] else set()
+    lines = [f"{'job':>4}  {'status':<9}  {'val/acc_best':>12}  {'test/acc':>8}  overrides (those that vary) / error"]
     for j in summary["jobs"]:
-        extra = " ".join(j.get("overrides", []))
+        extra = " ".join(o for o in j.get("overrides", []) if o not in common)
         if j["status"] != "completed":
             extra += f"  [{j.get('error_type', '')}: {j.get('error', 'no status.json')}]"
         val, test = fmt(j.get("val/acc_best")), fmt(j.get("test/acc"))

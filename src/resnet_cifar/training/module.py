@@ -126,7 +126,7 @@ class ImageClassifier(pl.LightningModule):
         self.val_acc_best(acc)
         self.log("val/acc", self.val_acc, prog_bar=True)
         self.log("val/loss", self.val_loss)
-        self.log("val/acc_best", self.val_acc_best.compute())
+        self.log("val/acc_best", self.val_acc_best.compute(), sync_dist=True)  # equal on all ranks already
 
     def test_step(self, batch, batch_idx: int) -> None:
         self._eval_step(batch, self.test_acc, self.test_loss)

@@ -1,7 +1,8 @@
-"""Test helper loaded into DDP runs (``+callbacks.probe._target_=ddp_probe.RankDigest``).
+"""Test helpers loaded into runs as callbacks (``+callbacks.probe._target_=probes.RankDigest``).
 
-Each rank writes, at the end of every training epoch, a digest of its parameters, so a test
-can check that the ranks stayed identical (gradients synchronised) across the unfreeze epoch.
+- :class:`RankDigest`: each rank writes, at the end of every training epoch, a digest of its
+  parameters, so a test can check that the ranks stayed identical (gradients synchronised).
+- :class:`CrashAt`: raises a ``RuntimeError`` at a given training step (a job that crashes mid-run).
 """
 
 from __future__ import annotations
@@ -27,3 +28,12 @@ class RankDigest(pl.Callback):
         self.rows.append(row)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.rows))
+
+
+class CrashAt(pl.Callback):
+    def __init__(self, step: int = 1) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        if trainer.global_step >= self.step:
+            raise RuntimeError(f"simulated crash at step {trainer.global_step}")
