@@ -128,7 +128,7 @@ def test_submitit_local_launcher_runs_jobs(tmp_path, synthetic_root):
         "hydra/launcher=submitit_local",
         "hydra.launcher.timeout_min=10",
         "hydra.launcher.cpus_per_task=1",
-        "optimizer.lr=0.05,0.1",
+        "optimizer.lr=0.05",
         f"hydra.sweep.dir={sweep}",
         *synthetic_overrides(synthetic_root),
         *TINY,
@@ -136,7 +136,7 @@ def test_submitit_local_launcher_runs_jobs(tmp_path, synthetic_root):
     )
     assert r.returncode == 0, r.stderr[-3000:]
     jobs = job_dirs(sweep)
-    assert len(jobs) == 2
+    assert len(jobs) == 1  # one job keeps the test short; each job is its own process either way
     for d in jobs:
         assert read(d / "status.json")["status"] == "completed"
         assert 0 <= read(d / "metrics.json")["val/acc_best"] <= 1
