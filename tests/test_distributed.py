@@ -178,6 +178,7 @@ def test_ddp_linear_probe_keeps_backbone(tmp_path, odd_root, weights_file):
         "stage=linear_probe",
         f"model.weights_path={weights_file}",
         "trainer.max_epochs=1",
+        "scheduler=none",  # no warm-up in a 1-epoch run
         "test=false",
         "+callbacks.probe._target_=probes.RankDigest",
         f"+callbacks.probe.out_dir={run / 'probe'}",

@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 # Two training steps, one validation batch: each job takes seconds.
 TINY = [
     "trainer.max_epochs=1",
+    "scheduler.warmup_epochs=0",
     "++trainer.limit_train_batches=2",
     "++trainer.limit_val_batches=1",
     "++trainer.num_sanity_val_steps=0",
