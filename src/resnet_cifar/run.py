@@ -167,6 +167,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, logger=False)
     results = trainer.test(module, datamodule=datamodule)
     metrics = {**_floats(results[0]), "ckpt_path": str(cfg.ckpt_path)}
-    write_metrics(Path(cfg.paths.output_dir) / "metrics.json", metrics)
-    log.info("Metrics: %s", json.dumps(metrics, sort_keys=True))
+    if trainer.is_global_zero:
+        write_metrics(Path(cfg.paths.output_dir) / "metrics.json", metrics)
+        log.info("Metrics: %s", json.dumps(metrics, sort_keys=True))
     return metrics

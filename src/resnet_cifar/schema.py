@@ -159,6 +159,7 @@ class ModuleSchema:
     channels_last: bool = f(False)
     tta_flip: bool = f(False)
     compile: bool = f(False)
+    lr_scaling: str = f("none", _choice("none", "linear", "sqrt"))
 
 
 @dataclass

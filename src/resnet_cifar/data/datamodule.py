@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from resnet_cifar.data import cifar10
 from resnet_cifar.data.augment import BatchAugment
 from resnet_cifar.data.loader import ResumableLoader
+from resnet_cifar.data.sharding import eval_sampler
 from resnet_cifar.data.splits import per_class_budget, select_classes, stratified_split
 from resnet_cifar.errors import ConfigError
 
@@ -266,7 +267,10 @@ class CIFAR10DataModule(pl.LightningDataModule):
         ds = self.splits[split]
         train = split == "train"
         batch_size = hp.batch_size if train else hp.eval_batch_size
-        sampler = EpochShuffle(len(ds), hp.seed) if train else None
+        # Training: Lightning shards EpochShuffle per rank (DistributedSamplerWrapper, set_epoch forwarded);
+        # the resumable loader restarts mid-epoch at the right batch. Evaluation: an un-padded shard per
+        # rank, so multi-process metrics equal single-process ones.
+        sampler = EpochShuffle(len(ds), hp.seed) if train else eval_sampler(ds, self.trainer)
         loader_cls = ResumableLoader if train else DataLoader
         if hp.loader == "tensor":
             return loader_cls(ds, batch_size=batch_size, sampler=sampler, drop_last=train, collate_fn=_as_batch)

@@ -16,6 +16,7 @@ from resnet_cifar.models.factory import build_model
 from resnet_cifar.models.weights import safe_load
 from resnet_cifar.stages import FreezeSchedule
 from resnet_cifar.training import metric_state
+from resnet_cifar.training.ddp import lr_scale
 from resnet_cifar.training.optim import build_optimizer, build_scheduler, check_optimizer, param_groups
 
 
@@ -35,6 +36,8 @@ class ImageClassifier(pl.LightningModule):
         tta_flip: average the logits of each image and its mirror image at val/test time.
         compile: run the model through ``torch.compile`` (the compiled wrapper is not a submodule,
             so checkpoints keep the plain ``model.*`` keys).
+        lr_scaling: ``none`` | ``linear`` | ``sqrt``: how the learning rates grow with the number
+            of processes (see :func:`~resnet_cifar.training.ddp.lr_scale`).
     """
 
     def __init__(
@@ -49,6 +52,7 @@ class ImageClassifier(pl.LightningModule):
         channels_last: bool = False,
         tta_flip: bool = False,
         compile: bool = False,
+        lr_scaling: str = "none",
         load_weights: bool = True,
     ) -> None:
         super().__init__()
@@ -56,6 +60,7 @@ class ImageClassifier(pl.LightningModule):
         self.save_hyperparameters(logger=False, ignore=["load_weights"])
         self.schedule = FreezeSchedule(**(stage or {}))
         check_optimizer(optimizer)
+        lr_scale(lr_scaling, 1)  # an unknown rule fails here, not at the first step
         model_kwargs = dict(model)
         if not load_weights:  # weights come from a checkpoint: build the bare architecture
             model_kwargs.update(pretrained=False, weights_path=None)
@@ -76,6 +81,12 @@ class ImageClassifier(pl.LightningModule):
     # ----------------------------------------------------------- forward
     def backbone_trainable(self) -> bool:
         return self.schedule.backbone_trainable(self.current_epoch)
+
+    def frozen_parameter_names(self) -> set[str]:
+        """Parameters that require grad but get none this epoch (DDP leaves them out of gradient sync)."""
+        if self.backbone_trainable():
+            return set()
+        return {f"model.backbone.{n}" for n, p in self.model.backbone.named_parameters() if p.requires_grad}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.hparams.channels_last:
@@ -132,7 +143,7 @@ class ImageClassifier(pl.LightningModule):
         self.val_acc_best(acc)
         self.log("val/acc", self.val_acc, prog_bar=True)
         self.log("val/loss", self.val_loss)
-        self.log("val/acc_best", self.val_acc_best.compute())
+        self.log("val/acc_best", self.val_acc_best.compute(), sync_dist=True)  # equal on all ranks already
 
     def test_step(self, batch, batch_idx: int) -> None:
         self._eval_step(batch, self.test_acc, self.test_loss)
@@ -147,6 +158,7 @@ class ImageClassifier(pl.LightningModule):
     # ------------------------------------------------------- optimisation
     def configure_optimizers(self) -> dict[str, Any]:
         opt_cfg = dict(self.hparams.optimizer)
+        opt_cfg["lr"] *= lr_scale(self.hparams.get("lr_scaling", "none"), self.trainer.world_size)
         groups = param_groups(
             self.model,
             lr=opt_cfg["lr"],

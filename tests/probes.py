@@ -1,0 +1,39 @@
+"""Test helpers loaded into runs as callbacks (``+callbacks.probe._target_=probes.RankDigest``).
+
+- :class:`RankDigest`: each rank writes, at the end of every training epoch, a digest of its
+  parameters, so a test can check that the ranks stayed identical (gradients synchronised).
+- :class:`CrashAt`: raises a ``RuntimeError`` at a given training step (a job that crashes mid-run).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+
+
+class RankDigest(pl.Callback):
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+        self.rows: list[dict] = []
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        model = pl_module.model
+        row = {"epoch": trainer.current_epoch}
+        for part in ("backbone", "head"):
+            params = [p.detach().double().flatten() for p in getattr(model, part).parameters()]
+            row[part] = float(torch.cat(params).mul(torch.arange(1, sum(len(p) for p in params) + 1)).sum())
+        self.rows.append(row)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.rows))
+
+
+class CrashAt(pl.Callback):
+    def __init__(self, step: int = 1) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        if trainer.global_step >= self.step:
+            raise RuntimeError(f"simulated crash at step {trainer.global_step}")
