@@ -66,7 +66,13 @@ def main() -> None:
             minutes = (metrics.stat().st_mtime - start) / 60
             best = Path(m.get("best_ckpt", "")).name
             rows.append(
-                (run.name, f"{minutes:.1f} (end)", "", f"metrics.json: best by val = {best}", m.get("test/acc"))
+                (
+                    run.name,
+                    f"{minutes:.1f} (end)",
+                    "",
+                    f"metrics.json: best by val = {best}",
+                    f"{m.get('test/acc', float('nan')):.4f}",
+                )
             )
     print()
     print_table(["run", "wall-clock min", "step", "checkpoint", "test acc"], rows)
