@@ -92,6 +92,7 @@ def test_multirun_sweeps_the_learning_rate(synthetic_root, tmp_path):
         "optimizer.lr=0.2,0.02",
         *synthetic_overrides(synthetic_root),
         "trainer.max_epochs=1",
+        "scheduler.warmup_epochs=0.5",
         f"hydra.sweep.dir={tmp_path}",
         cwd=tmp_path,
     )
