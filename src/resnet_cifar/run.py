@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from resnet_cifar.config import to_dict, validate_train_config
 from resnet_cifar.data.datamodule import CIFAR10DataModule
 from resnet_cifar.errors import ConfigError, WeightsError
+from resnet_cifar.evaluation.report import run_report
 from resnet_cifar.models.weights import safe_load
 from resnet_cifar.training.module import ImageClassifier
 
@@ -116,6 +117,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             log.warning("No best checkpoint was saved; testing the weights at the end of training")
         results = trainer.test(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
         metrics.update(_floats(results[0]) if results else {})
+        if cfg.get("report") and trainer.is_global_zero:  # the tested weights: confusion matrix, ECE, figures
+            metrics.update(run_report(module, datamodule, out_dir / "report", to_dict(cfg.report), trainer=trainer))
     metrics["best_ckpt"] = best
     metrics["epochs"] = trainer.current_epoch
     if trainer.is_global_zero:
@@ -150,6 +153,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, logger=False)
     results = trainer.test(module, datamodule=datamodule)
     metrics = {**_floats(results[0]), "ckpt_path": str(cfg.ckpt_path)}
+    if cfg.get("report"):
+        out_dir = Path(cfg.paths.output_dir)
+        report_kw = {"trainer": trainer, "tb_dir": out_dir / "tensorboard"}
+        metrics.update(run_report(module, datamodule, out_dir / "report", to_dict(cfg.report), **report_kw))
     write_metrics(Path(cfg.paths.output_dir) / "metrics.json", metrics)
     log.info("Metrics: %s", json.dumps(metrics, sort_keys=True))
     return metrics
