@@ -309,12 +309,16 @@ def run_report(
         from torch.utils.tensorboard import SummaryWriter
 
         tb_writer, own_writer = SummaryWriter(str(tb_dir)), True
+    device = next(module.parameters()).device
+    if trainer is not None:  # Lightning moves the model back to the CPU after testing
+        module.to(trainer.strategy.root_device)
     try:
         preds = collect_predictions(module, datamodule, "test", flip=opts["tta"] or tta_flip, max_batches=max_batches)
         report = write_report(
             preds, split_images(datamodule), datamodule.class_names, out_dir, opts, tta_flip, tb_writer, step, title
         )
     finally:
+        module.to(device)
         if own_writer:
             tb_writer.close()
     return {**flat_metrics(report), "report": report}
