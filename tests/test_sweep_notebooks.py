@@ -20,7 +20,7 @@ LRS = ("0.02", "0.2")
 
 @pytest.fixture(scope="module")
 def sweep_dir(synthetic_root, tmp_path_factory) -> Path:
-    """``train.py -m optimizer.lr=0.02,0.2`` on the synthetic data; the Hydra callback summarises it."""
+    """``train.py -m optimizer.lr=0.02,0.2`` (1 epoch, 4 steps each) on synthetic data, summarised by the callback."""
     tmp = tmp_path_factory.mktemp("sweep")
     sweep = tmp / "multirun"
     res = run_script(
@@ -28,10 +28,13 @@ def sweep_dir(synthetic_root, tmp_path_factory) -> Path:
         "-m",
         f"optimizer.lr={','.join(LRS)}",
         *synthetic_overrides(synthetic_root),
-        "trainer.max_epochs=2",
+        "trainer.max_epochs=1",
+        "data.batch_size=100",
         "test=false",
+        "~callbacks.prediction_grid",
         f"hydra.sweep.dir={sweep}",
         cwd=tmp,
+        timeout=1800,
     )
     assert res.returncode == 0, res.stderr[-3000:]
     return sweep

@@ -48,7 +48,11 @@ class Predictor:
         data_hp = ckpt.get("datamodule_hyper_parameters")
         if "state_dict" not in ckpt or not isinstance(data_hp, dict):
             raise WeightsError(f"ckpt_path {path} is not a resnet-cifar training checkpoint (no data settings)")
-        dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else device.replace("auto", "cpu"))
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"device={device} but no CUDA GPU is visible: use device=cpu or device=auto")
+        dev = torch.device(device)
         module = ImageClassifier.from_checkpoint(path, map_location=dev).eval()
         names = list(module.hparams.get("class_names") or CLASSES)
         augmenter = BatchAugment(
