@@ -75,7 +75,10 @@ def varying_keys(runs: list[dict[str, Any]]) -> list[str]:
     keys = sorted({k for r in runs for k in r["overrides"]})
     if len(runs) < 2:
         return keys
-    return [k for k in keys if len({json.dumps(r["overrides"].get(k), default=str) for r in runs}) > 1]
+    # a key set to one value in every job that has it is not swept (e.g. data.root, absent in a crashed job)
+    return [
+        k for k in keys if len({json.dumps(r["overrides"][k], default=str) for r in runs if k in r["overrides"]}) > 1
+    ]
 
 
 def choose_metric(runs: list[dict[str, Any]], metric: str | None) -> str:
@@ -101,6 +104,8 @@ def sort_runs(runs: list[dict[str, Any]], metric: str, mode: str = "max") -> lis
 
 
 def _fmt(v: Any) -> str:
+    if isinstance(v, float) and v.is_integer() and abs(v) >= 1:
+        return str(int(v))
     if isinstance(v, float):
         return f"{v:.4f}" if abs(v) >= 1e-3 or v == 0 else f"{v:.3g}"
     return "" if v is None else str(v)
@@ -135,7 +140,7 @@ def write_table(runs: list[dict[str, Any]], metric: str, sweep_dir: Path) -> tup
         cells = [
             r["job"],
             r["status"],
-            *[_fmt(r["overrides"].get(k)) for k in keys],
+            *[str(r["overrides"].get(k, "")) for k in keys],
             *[_fmt(r["metrics"].get(m)) for m in shown],
         ]
         lines.append("| " + " | ".join(cells) + " |")
