@@ -168,6 +168,8 @@ def plot_runs(runs: list[dict[str, Any]], metric: str, path: Path) -> Path:
         xs = [float(r["overrides"][k]) for r in runs]
         if min(xs) > 0 and max(xs) / min(xs) >= 5:
             ax.set_xscale("log")
+        ax.set_xticks(sorted(set(xs)), labels=[f"{v:g}" for v in sorted(set(xs))])  # the swept values
+        ax.minorticks_off()
         for r in failed:
             ax.axvline(
                 float(r["overrides"][k]), color="tab:red", linestyle=":", label=f"failed: {k}={r['overrides'][k]}"
