@@ -18,6 +18,7 @@ from resnet_cifar.cli import EXIT_TERMINATED
 from resnet_cifar.config import to_dict, validate_train_config
 from resnet_cifar.data.datamodule import CIFAR10DataModule
 from resnet_cifar.errors import ConfigError, OutputError, WeightsError
+from resnet_cifar.evaluation.report import run_report
 from resnet_cifar.models.weights import safe_load
 from resnet_cifar.training.checkpointing import resolve_ckpt_path
 from resnet_cifar.training.module import ImageClassifier
@@ -133,6 +134,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             log.warning("No best checkpoint was saved; testing the weights at the end of training")
         results = trainer.test(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
         metrics.update(_floats(results[0]) if results else {})
+        if cfg.get("report") and trainer.is_global_zero:  # the tested weights: confusion matrix, ECE, figures
+            metrics.update(run_report(module, datamodule, out_dir / "report", to_dict(cfg.report), trainer=trainer))
     metrics["best_ckpt"] = best
     metrics["epochs"] = trainer.current_epoch
     if trainer.is_global_zero:
@@ -167,6 +170,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, logger=False)
     results = trainer.test(module, datamodule=datamodule)
     metrics = {**_floats(results[0]), "ckpt_path": str(cfg.ckpt_path)}
+    if cfg.get("report"):
+        out_dir = Path(cfg.paths.output_dir)
+        report_kw = {"trainer": trainer, "tb_dir": out_dir / "tensorboard"}
+        metrics.update(run_report(module, datamodule, out_dir / "report", to_dict(cfg.report), **report_kw))
     if trainer.is_global_zero:
         write_metrics(Path(cfg.paths.output_dir) / "metrics.json", metrics)
         log.info("Metrics: %s", json.dumps(metrics, sort_keys=True))

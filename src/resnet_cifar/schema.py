@@ -183,6 +183,8 @@ class TrainSchema:
     logger: dict | None = f({})
     plugins: dict | None = f({})
     paths: dict = f({})
+    # The evaluation report after testing (conf/report/; checked by the report itself).
+    report: dict | None = f(None)
     # Values shared by the transfer-study presets (conf/experiment/_transfer.yaml).
     transfer: dict | None = f(None)
 

@@ -1,0 +1,1 @@
+"""Evaluation reports: metrics beyond accuracy, figures, and ``report.md``."""

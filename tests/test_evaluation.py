@@ -1,0 +1,263 @@
+"""Evaluation report, validation prediction grid, predict.py and export.py on one small trained checkpoint."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import compose_cfg, run_script, synthetic_overrides
+from PIL import Image
+
+from resnet_cifar.data.cifar10 import CLASSES, TEST_FILES, read_split
+from resnet_cifar.errors import UserError
+from resnet_cifar.evaluation.report import compute_report
+from resnet_cifar.inference import Predictor, predict, to_model_input
+from resnet_cifar.run import train
+from resnet_cifar.training.module import ImageClassifier
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def assert_png(path: Path) -> None:
+    assert path.read_bytes()[:8] == PNG_MAGIC, path
+    with Image.open(path) as img:
+        img.verify()
+        assert img.format == "PNG" and min(img.size) > 50
+
+
+@pytest.fixture(scope="module")
+def run_dir(synthetic_root, tmp_path_factory) -> Path:
+    """One short training run with the report and the prediction grid every epoch."""
+    out = tmp_path_factory.mktemp("report_run")
+    overrides = [
+        *synthetic_overrides(synthetic_root),
+        "trainer.max_epochs=1",
+        "callbacks.prediction_grid.every_n_epochs=1",
+        "callbacks.prediction_grid.num_images=8",
+        "report.max_misclassified=12",
+    ]
+    train(compose_cfg(overrides, out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def ckpt(run_dir) -> Path:
+    return Path(json.loads((run_dir / "metrics.json").read_text())["best_ckpt"])
+
+
+def normalised_test_images(root: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The test split read from disk and normalised by hand (not through the data module)."""
+    test = read_split(root / "cifar-10-batches-py", TEST_FILES)
+    mean = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
+    std = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
+    return test.images, test.labels, (test.images.float() / 255 - mean) / std
+
+
+def tensorboard_tags(run_dir: Path) -> dict[str, list[str]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags: dict[str, list[str]] = {}
+    for f in (run_dir / "tensorboard").glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(f), size_guidance={"images": 0, "scalars": 0})
+        acc.Reload()
+        for kind, names in acc.Tags().items():
+            if isinstance(names, list):
+                tags.setdefault(kind, []).extend(names)
+    return tags
+
+
+# ------------------------------------------------------------------------------ report
+def test_train_writes_report_files_metrics_and_tensorboard(run_dir):
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    # the report's pass over the test set agrees with Lightning's test loop
+    assert metrics["test/top1"] == pytest.approx(metrics["test/acc"], abs=1e-6)
+    assert metrics["test/nll"] == pytest.approx(metrics["test/loss"], rel=1e-4)
+    assert metrics["test/top5"] >= metrics["test/top1"]
+    report = metrics["report"]
+    assert report["num_images"] == 100 and set(report["per_class"]) == set(CLASSES)
+    folder = run_dir / "report"
+    for name in ("confusion_matrix", "reliability", "misclassified"):
+        assert_png(folder / f"{name}.png")
+    md = (folder / "report.md").read_text()
+    for target in ("confusion_matrix.png", "reliability.png", "misclassified.png"):
+        assert f"]({target})" in md
+    rows = list(csv.reader((folder / "confusion_matrix.csv").read_text().splitlines()))
+    assert rows[0][1:] == list(CLASSES)
+    assert [[int(v) for v in r[1:]] for r in rows[1:]] == report["confusion_matrix"]
+    tags = tensorboard_tags(run_dir)
+    assert "val/predictions" in tags["images"]  # the callback
+    assert {"report/confusion_matrix", "report/reliability"} <= set(tags["images"])
+    assert "report/top1" in tags["scalars"]
+
+
+def test_report_numbers_agree_with_an_independent_computation(run_dir, ckpt, synthetic_root):
+    report = json.loads((run_dir / "metrics.json").read_text())["report"]
+    module = ImageClassifier.from_checkpoint(ckpt).eval()
+    _, labels, x = normalised_test_images(synthetic_root)
+    with torch.no_grad():
+        probs = module.model(x).softmax(-1).numpy()
+    y = labels.numpy()
+    pred = probs.argmax(1)
+    cm = np.zeros((10, 10), dtype=int)
+    np.add.at(cm, (y, pred), 1)
+    assert report["confusion_matrix"] == cm.tolist()
+    assert report["top1"] == pytest.approx(np.trace(cm) / cm.sum(), abs=1e-6)
+    assert report["top1"] == pytest.approx((pred == y).mean(), abs=1e-6)
+    top5 = np.argsort(-probs, axis=1)[:, :5]
+    assert report["top5"] == pytest.approx((top5 == y[:, None]).any(1).mean(), abs=1e-6)
+    recall = np.diag(cm) / cm.sum(1)
+    col = cm.sum(0)
+    precision = np.where(col > 0, np.diag(cm) / np.maximum(col, 1), 0.0)
+    f1 = np.where(precision + recall > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-12), 0.0)
+    for i, name in enumerate(CLASSES):
+        pc = report["per_class"][name]
+        assert pc["recall"] == pytest.approx(recall[i], abs=1e-6)
+        assert pc["precision"] == pytest.approx(precision[i], abs=1e-6)
+        assert pc["f1"] == pytest.approx(f1[i], abs=1e-6)
+        assert pc["support"] == cm[i].sum()
+    # ECE: 15 equal-width bins (lo, hi], |accuracy - confidence| weighted by the bin's share
+    conf = probs.max(1)
+    bins = np.clip(np.ceil(conf * 15).astype(int) - 1, 0, 14)
+    ece = sum(
+        (bins == b).mean() * abs((pred == y)[bins == b].mean() - conf[bins == b].mean())
+        for b in range(15)
+        if (bins == b).any()
+    )
+    assert report["ece"] == pytest.approx(ece, abs=1e-5)
+    off = cm - np.diag(np.diag(cm))
+    if off.max() > 0:
+        t, p = np.unravel_index(off.argmax(), off.shape)
+        top = report["most_confused"][0]
+        assert top["count"] == off.max()
+        assert off[CLASSES.index(top["true"]), CLASSES.index(top["predicted"])] == off.max()
+
+
+def test_compute_report_on_hand_made_probabilities():
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.6, 0.3, 0.1], [0.2, 0.2, 0.6], [0.5, 0.4, 0.1]])
+    labels = torch.tensor([0, 1, 1, 2, 2])  # right, right, 1->0, right, 2->0
+    r = compute_report(probs, labels, ["a", "b", "c"], n_bins=10)
+    assert r["confusion_matrix"] == [[1, 0, 0], [1, 1, 0], [1, 0, 1]]
+    assert r["top1"] == pytest.approx(3 / 5)
+    assert r["top5"] == 1.0  # fewer than 5 classes: every label is in the top 3
+    assert r["per_class"]["a"]["precision"] == pytest.approx(1 / 3)
+    assert r["per_class"]["b"]["recall"] == pytest.approx(1 / 2)
+    assert r["most_confused"][0]["count"] == 1 and len(r["most_confused"]) == 2
+    # bins: 0.7 right, 0.8 right, 0.6 wrong, 0.6 right, 0.5 wrong
+    expected = (1 / 5) * abs(1 - 0.7) + (1 / 5) * abs(1 - 0.8) + (2 / 5) * abs(0.5 - 0.6) + (1 / 5) * abs(0 - 0.5)
+    assert r["ece"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_eval_script_writes_report_with_flip_tta(run_dir, ckpt, synthetic_root, tmp_path):
+    out = tmp_path / "eval_run"
+    res = run_script(
+        "eval.py",
+        f"ckpt_path={ckpt}",
+        f"data_root={synthetic_root}",
+        "tta_flip=true",
+        f"hydra.run.dir={out}",
+        cwd=tmp_path,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["report"]["tta_flip"] is True
+    assert metrics["test/top1"] == pytest.approx(metrics["test/top1_flip_tta"])
+    assert metrics["test/top1"] == pytest.approx(metrics["test/acc"], abs=1e-6)
+    assert_png(out / "report" / "confusion_matrix.png")
+    assert "report/confusion_matrix" in tensorboard_tags(out)["images"]
+
+
+# --------------------------------------------------------------------------- predict
+def test_predict_on_png_files_equals_prediction_on_the_tensor(ckpt, synthetic_root, tmp_path):
+    images, labels, x = normalised_test_images(synthetic_root)
+    folder = tmp_path / "inputs"
+    (folder / "sub").mkdir(parents=True)
+    for i in range(6):
+        Image.fromarray(images[i].permute(1, 2, 0).numpy()).save(folder / ("sub" if i % 2 else "") / f"img{i}.png")
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "truncated.png").write_bytes(PNG_MAGIC + b"garbage")
+    out = tmp_path / "pred.json"
+    cfg = compose_cfg([f"ckpt_path={ckpt}", f"inputs={folder}", "top_k=3", f"output={out}"], tmp_path, "predict")
+    result = predict(cfg)
+    assert sorted(Path(f).name for f, _ in result.skipped) == ["notes.txt", "truncated.png"]
+    assert len(result.predictions) == 6
+    module = ImageClassifier.from_checkpoint(ckpt).eval()
+    with torch.no_grad():
+        probs = module.model(x[:6]).softmax(-1)
+    by_name = {Path(p.file).name: p for p in result.predictions}
+    for i in range(6):
+        p = by_name[f"img{i}.png"]
+        top_p, top_i = probs[i].topk(3)
+        assert p.classes == [CLASSES[j] for j in top_i.tolist()]
+        assert p.probabilities == pytest.approx(top_p.tolist(), abs=1e-5)
+    doc = json.loads(out.read_text())
+    assert len(doc["predictions"]) == 6 and len(doc["skipped"]) == 2
+
+
+def test_predict_resizes_any_size_and_writes_csv(ckpt, tmp_path):
+    assert to_model_input(torch.zeros(3, 100, 60, dtype=torch.uint8)).shape == (3, 32, 32)
+    img = torch.arange(32).repeat(3, 32, 1).to(torch.uint8)  # 3x32x32: left as is
+    assert torch.equal(to_model_input(img), img)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 200, 3), dtype=np.uint8)).save(tmp_path / "a.jpg")
+    out = tmp_path / "p.csv"
+    cfg = compose_cfg(
+        [f"ckpt_path={ckpt}", f"inputs={tmp_path / 'a.jpg'}", "top_k=20", f"output={out}"], tmp_path, "predict"
+    )
+    predict(cfg)
+    rows = list(csv.reader(out.read_text().splitlines()))
+    assert rows[0] == ["file"] + [h for r in range(1, 11) for h in (f"class_{r}", f"prob_{r}")]  # top_k capped at 10
+    assert sum(float(v) for v in rows[1][2::2]) == pytest.approx(1.0, abs=1e-4)
+    assert Predictor.from_checkpoint(ckpt).class_names == list(CLASSES)
+
+
+def test_predict_errors_are_one_line(ckpt, tmp_path):
+    (tmp_path / "empty").mkdir()
+    cfg = compose_cfg([f"ckpt_path={ckpt}", f"inputs={tmp_path / 'empty'}"], tmp_path, "predict")
+    with pytest.raises(UserError, match="empty folder"):
+        predict(cfg)
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "a.png").write_text("text")
+    cfg = compose_cfg([f"ckpt_path={ckpt}", f"inputs={tmp_path / 'junk'}"], tmp_path, "predict")
+    with pytest.raises(UserError, match="none of the 1 files"):
+        predict(cfg)
+    res = run_script("predict.py", f"ckpt_path={ckpt}", f"inputs={tmp_path / 'missing'}", cwd=tmp_path)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines()[-1].startswith("error: inputs=") and "Traceback" not in res.stderr
+
+
+# ---------------------------------------------------------------------------- export
+def test_export_matches_pytorch(ckpt, synthetic_root, tmp_path):
+    import onnxruntime as ort
+
+    from resnet_cifar.export import export, load_safetensors_model
+    from resnet_cifar.models.factory import build_model
+
+    cfg = compose_cfg([f"ckpt_path={ckpt}", f"data_root={synthetic_root}", "check_images=100"], tmp_path, "export")
+    summary = export(cfg)
+    assert set(summary["checks"]) == {"pytorch_wrapper", "onnx", "torch_export", "safetensors"}
+    assert all(c["max_abs_diff"] <= 1e-3 and c["argmax_agreement"] == 1.0 for c in summary["checks"].values())
+    assert json.loads((tmp_path / "export.json").read_text())["class_names"] == list(CLASSES)
+
+    # independently of export's own check: [0, 1] images in, the module's logits out
+    images, _, x = normalised_test_images(synthetic_root)
+    module = ImageClassifier.from_checkpoint(ckpt).eval()
+    with torch.no_grad():
+        ref = module.model(x)
+    x01 = images.float() / 255
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    for n in (1, 7, 100):  # dynamic batch size
+        onnx_out = session.run(None, {"images": x01[:n].numpy()})[0]
+        np.testing.assert_allclose(onnx_out, ref[:n].numpy(), atol=1e-4, rtol=1e-4)
+    program = torch.export.load(str(tmp_path / "model.pt2")).module()
+    with torch.no_grad():
+        torch.testing.assert_close(program(x01[:3]), ref[:3], atol=1e-4, rtol=1e-4)
+    # safetensors: plain PyTorch, no Lightning; also through model.weights_path
+    model, meta = load_safetensors_model(tmp_path / "model.safetensors")
+    assert meta["model"]["name"] == "resnet20" and meta["mean"] == pytest.approx([0.4914, 0.4822, 0.4465])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref)
+        again = build_model("resnet20", weights_path=str(tmp_path / "model.safetensors")).eval()
+        torch.testing.assert_close(again(x), ref)
