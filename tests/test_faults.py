@@ -195,7 +195,8 @@ def test_full_disk_while_saving_is_a_clear_error_and_keeps_earlier_outputs(synth
     out = tmp_path / "run"
     overrides = [
         *synthetic_overrides(synthetic_root),
-        "trainer.max_epochs=2",
+        "trainer.max_epochs=1",
+        "callbacks.last_checkpoint.every_n_train_steps=2",
         "callbacks.last_checkpoint.every_n_minutes=null",
         "logger=csv",
         "~callbacks.lr_monitor",
@@ -205,7 +206,7 @@ def test_full_disk_while_saving_is_a_clear_error_and_keeps_earlier_outputs(synth
 
     def filling_save(obj, f, *args, **kwargs):
         saves.append(obj.get("global_step"))
-        if len(saves) >= 3:  # the disk fills up during the third checkpoint
+        if len(saves) >= 3:  # the disk fills up during the third checkpoint (step 6)
             f.write(b"partial")
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(obj, f, *args, **kwargs)
@@ -214,8 +215,9 @@ def test_full_disk_while_saving_is_a_clear_error_and_keeps_earlier_outputs(synth
     with pytest.raises(OutputError, match="cannot write checkpoint .*: the disk is full; checkpoints written before"):
         train(compose_cfg(overrides, out))
     monkeypatch.undo()
-    last = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)  # the epoch-0 checkpoint, whole
-    assert last["epoch"] == 0 and last["global_step"] == 8
+    assert saves == [2, 4, 6]
+    last = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)  # the step-4 checkpoint, whole
+    assert last["global_step"] == 4 and "optimizer_states" in last
     assert not list((out / "checkpoints").glob(".*tmp*"))
     assert (out / "csv" / "metrics.csv").read_text().count("\n") > 1  # the logs so far are kept
     assert not (out / "metrics.json").exists()
@@ -249,9 +251,7 @@ def test_catalogue_of_bad_inputs_through_train_py(synthetic_root, tmp_path):
         (["optimizer.lr=-1"], "optimizer.lr=-1: expected a number in (0, 10]"),
         (["stage=linear_probe"], "stage=linear_probe starts from pretrained weights"),
         ([f"ckpt_path={evil}"], "needs arbitrary unpickling"),
-        ([f"model.weights_path={evil}"], "needs arbitrary unpickling"),
         ([f"data.root={bad_data_root(tmp_path, 'truncated')}"], "unreadable or truncated"),
-        ([f"data.root={bad_data_root(tmp_path, 'labels')}"], "labels range 0..10, expected 0..9"),
         ([f"hydra.run.dir={tmp_path / 'afile' / 'run'}"], "cannot be used as an output directory"),
     ]
     for i, (overrides, message) in enumerate(cases):
