@@ -157,6 +157,7 @@ class SchedulerSchema:
 class ModuleSchema:
     channels_last: bool = f(False)
     tta_flip: bool = f(False)
+    compile: bool = f(False)
 
 
 @dataclass
@@ -230,20 +231,13 @@ def _fail(key: str, value: Any, expected: str) -> ConfigError:
     return ConfigError(f"{key}={value!r}: expected {expected}")
 
 
-def _scalar(tp: Any) -> Any:
-    """``int`` or ``float`` (what a range is about) of a field type like ``int | None`` or ``list[float]``."""
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if typing.get_origin(tp) is list or (args and typing.get_origin(tp) in (Union, types.UnionType)):
-        return _scalar(args[0]) if args else tp
-    return float if tp is float or (isinstance(tp, tuple) and float in tp) else int
-
-
-def _check_value(key: str, value: Any, check: tuple | None, tp: Any = float) -> None:
+def _check_value(key: str, value: Any, check: tuple | None, tp: Any = None) -> None:
     if check is not None and value is not None:
         ok, text = check
         if not ok(value):
             is_range = text.startswith(("in ", ">", "<"))
-            raise _fail(key, value, f"{_type_name(_scalar(tp))} {text}" if is_range else text)
+            scalar = int if tp is int or (tp is None and isinstance(value, int)) else float
+            raise _fail(key, value, f"{_type_name(scalar)} {text}" if is_range else text)
 
 
 def check_against(schema: type, values: dict[str, Any], prefix: str) -> None:
@@ -268,7 +262,7 @@ def check_against(schema: type, values: dict[str, Any], prefix: str) -> None:
         _check_value(full, value, meta.get("check"), tp)
         if meta.get("each") and isinstance(value, (list, tuple)):
             for i, item in enumerate(value):
-                _check_value(f"{full}[{i}]", item, meta["each"], tp)
+                _check_value(f"{full}[{i}]", item, meta["each"], (typing.get_args(tp) or (None,))[0])
 
 
 def check_trainer(trainer: dict[str, Any]) -> None:
@@ -287,7 +281,7 @@ def check_trainer(trainer: dict[str, Any]) -> None:
             tp, check = TRAINER_CHECKS[key]
             if isinstance(value, bool) and tp is not bool or not isinstance(value, tp):
                 raise _fail(f"trainer.{key}", value, _type_name(tp if isinstance(tp, type) else float))
-            _check_value(f"trainer.{key}", value, check, tp)
+            _check_value(f"trainer.{key}", value, check)
 
 
 def check_schema(cfg: dict[str, Any]) -> None:
