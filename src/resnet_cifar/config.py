@@ -75,9 +75,9 @@ def check_combinations(cfg: DictConfig) -> None:
     data = cfg.data
     max_epochs = cfg.trainer.get("max_epochs")
     warmup = cfg.scheduler.get("warmup_epochs", 0) or 0
-    if max_epochs and max_epochs > 0 and warmup >= max_epochs:
+    if max_epochs and max_epochs > 0 and warmup > max_epochs:
         raise ConfigError(
-            f"scheduler.warmup_epochs={warmup} must be < trainer.max_epochs={max_epochs} (the warm-up never ends)"
+            f"scheduler.warmup_epochs={warmup} must be <= trainer.max_epochs={max_epochs} (the warm-up never ends)"
         )
     monitors = [
         f"callbacks.{name}.monitor"

@@ -164,9 +164,15 @@ class LastCheckpoint(Checkpoint):
             self.save(trainer, "end of training")
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if isinstance(exception, SIGTERMException):
-            self.save(trainer, "SIGTERM")
-            log.warning("SIGTERM: saved %s at step %d", self.path, trainer.global_step)
+        if not isinstance(exception, SIGTERMException):
+            return
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            # After an epoch's last batch, before (or right after) its validation: a checkpoint
+            # here would resume past that validation, so keep the previous (epoch-end) one.
+            log.warning("SIGTERM at the end of an epoch: %s is from step %d", self.path, self._saved_step)
+            return
+        self.save(trainer, "SIGTERM")
+        log.warning("SIGTERM: saved %s at step %d", self.path, trainer.global_step)
 
     # ----------------------------------------------------- random state
     def state_dict(self) -> dict[str, Any]:
