@@ -197,7 +197,9 @@ def main(argv: list[str] | None = None) -> None:
     for budget in args.budgets:
         for stage in STAGES:
             name = f"{stage}_{budget}"
-            cells[(stage, budget)] = run_cell(name, target_overrides(stage, budget, source["best_ckpt"], common), out)
+            cell = run_cell(name, target_overrides(stage, budget, source["best_ckpt"], common), out, args.report_only)
+            if cell:
+                cells[(stage, budget)] = cell
     total = source["seconds"] + sum(c["seconds"] for c in cells.values())
     session = time.perf_counter() - start
 
