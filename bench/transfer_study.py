@@ -151,10 +151,11 @@ def plot(cells: dict[tuple[str, str], dict], budgets: list[str], path: Path) -> 
                 f"{100 * c['test_acc']:.1f}%\n{c['seconds'] / 60:.1f} min",
                 (x, 100 * c["test_acc"]),
                 textcoords="offset points",
-                xytext=(6, -4),
+                xytext=(8, {"scratch": -4, "linear_probe": -22, "finetune": 6}[stage]),
                 fontsize=7,
             )
     ax.set_xticks(xs, [budget_label(b) for b in budgets])
+    ax.set_xlim(-0.3, len(budgets) - 0.5)
     ax.set_xlabel("target label budget (classes 5-9)")
     ax.set_ylabel("target test accuracy (%)")
     ax.set_title("ResNet-20 transfer: CIFAR-10 classes 0-4 -> 5-9")
