@@ -59,13 +59,16 @@ PLANS = {
 BEGIN, END = "<!-- transfer-study:begin -->", "<!-- transfer-study:end -->"
 
 
-def run_cell(name: str, overrides: list[str], out: Path) -> dict:
+def run_cell(name: str, overrides: list[str], out: Path, report_only: bool = False) -> dict | None:
     """Train one run in-process (or reuse its finished result); return its summary."""
     cell_dir = out / name
     done = cell_dir / "cell.json"
     if done.is_file():
         log.info("%s: already done, reusing %s", name, done)
         return json.loads(done.read_text())
+    if report_only:
+        log.warning("%s: not run yet, left out of the report", name)
+        return None
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[*overrides, f"paths.output_dir={cell_dir}"])
     log.info("%s: python train.py %s", name, " ".join(overrides))
@@ -148,10 +151,11 @@ def plot(cells: dict[tuple[str, str], dict], budgets: list[str], path: Path) -> 
                 f"{100 * c['test_acc']:.1f}%\n{c['seconds'] / 60:.1f} min",
                 (x, 100 * c["test_acc"]),
                 textcoords="offset points",
-                xytext=(6, -4),
+                xytext=(8, {"scratch": -4, "linear_probe": -22, "finetune": 6}[stage]),
                 fontsize=7,
             )
     ax.set_xticks(xs, [budget_label(b) for b in budgets])
+    ax.set_xlim(-0.3, len(budgets) - 0.5)
     ax.set_xlabel("target label budget (classes 5-9)")
     ax.set_ylabel("target test accuracy (%)")
     ax.set_title("ResNet-20 transfer: CIFAR-10 classes 0-4 -> 5-9")
@@ -177,6 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--budgets", nargs="+", default=list(PLANS), choices=list(PLANS), help="per-class label budgets")
     p.add_argument("--plot", type=Path, default=None, help="PNG path (default <out>/transfer_study.png)")
     p.add_argument("--readme", type=Path, default=None, help="fill this README's transfer-study block")
+    p.add_argument("--report-only", action="store_true", help="train nothing: report the finished cells")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="Hydra overrides for every run")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -186,14 +191,16 @@ def main(argv: list[str] | None = None) -> None:
     common = ["~callbacks.progress_bar", "~callbacks.model_summary", "++trainer.num_sanity_val_steps=0", *args.set]
 
     start = time.perf_counter()
-    source = run_cell("source", ["experiment=transfer_source", *common], out)
-    if not source.get("best_ckpt"):
+    source = run_cell("source", ["experiment=transfer_source", *common], out, args.report_only)
+    if not source or not source.get("best_ckpt"):
         raise SystemExit("error: the source run saved no checkpoint; check callbacks.model_checkpoint")
     cells = {}
     for budget in args.budgets:
         for stage in STAGES:
             name = f"{stage}_{budget}"
-            cells[(stage, budget)] = run_cell(name, target_overrides(stage, budget, source["best_ckpt"], common), out)
+            cell = run_cell(name, target_overrides(stage, budget, source["best_ckpt"], common), out, args.report_only)
+            if cell:
+                cells[(stage, budget)] = cell
     total = source["seconds"] + sum(c["seconds"] for c in cells.values())
     session = time.perf_counter() - start
 
@@ -207,9 +214,11 @@ def main(argv: list[str] | None = None) -> None:
         "session_seconds": session,
     }
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    missing = len(args.budgets) * len(STAGES) - len(cells)
     block = (
         f"{md}\n\nTotal: {fmt_time(total)} of training and testing (sum of the cells, "
         f"each timed around `train()`: fit, validation and test)."
+        + (f" {missing} cell(s) not run yet (–)." if missing else "")
     )
     (out / "transfer_study.md").write_text(block + "\n")
     print(block)

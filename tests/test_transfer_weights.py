@@ -122,12 +122,19 @@ def test_transfer_presets_compose(tmp_path):
 
 def test_linear_probe_keeps_the_source_backbone_and_finetune_moves_it(synthetic_root, tmp_path):
     """End to end on the synthetic set: source on classes 0-4, targets on 5-9 from its checkpoint."""
-    base = [*synthetic_overrides(synthetic_root), "logger=none", "~callbacks.lr_monitor", "test=false"]
+    # save_top_k=-1: Lightning 2.6 writes last.ckpt only when a top-k checkpoint is written
+    base = [
+        *synthetic_overrides(synthetic_root),
+        "logger=none",
+        "~callbacks.lr_monitor",
+        "test=false",
+        "callbacks.model_checkpoint.save_top_k=-1",
+    ]
     source = train(compose_cfg(["experiment=transfer_source", *base, "data.val_size=100"], tmp_path / "source"))
     src = extract_state_dict(safe_load(source["best_ckpt"]))
     target = [*base, "data.val_size=100", "data.train_per_class=20", f"model.weights_path={source['best_ckpt']}"]
 
-    def trained(stage: str) -> dict[str, torch.Tensor]:  # the weights at the end (the best may be epoch 0)
+    def trained(stage: str) -> dict[str, torch.Tensor]:  # the weights at the end of training
         train(compose_cfg([f"experiment=transfer_{stage}", *target], tmp_path / stage))
         return extract_state_dict(safe_load(tmp_path / stage / "checkpoints" / "last.ckpt"))
 

@@ -91,14 +91,17 @@ class ImageClassifier(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.hparams.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        if self.training and self.model.backbone.training != self.backbone_trainable():
-            # Lightning restores the modes of before validation, never calls train(): set them here.
-            self.model.backbone.train(self.backbone_trainable())
-        if self.training and not self.backbone_trainable():
-            # Frozen phase: no graph through the backbone, and its batch-norm statistics stay.
-            with torch.no_grad():
-                features = self.model.backbone(x)
-            return self.model.head(features)
+        if self.training:
+            trainable = self.backbone_trainable()
+            # Frozen phase: batch-norm statistics stay (eval mode). Once unfrozen, back to train
+            # mode: Lightning restores each submodule's mode after validation, so the eval mode
+            # of the frozen epochs would otherwise persist.
+            if self.model.backbone.training != trainable:
+                self.model.backbone.train(trainable)
+            if not trainable:  # no graph through the frozen backbone
+                with torch.no_grad():
+                    features = self.model.backbone(x)
+                return self.model.head(features)
         return self._run_model(x)
 
     def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
