@@ -176,3 +176,18 @@ def test_resume_from_a_file_that_is_not_a_checkpoint(tmp_path, synthetic_root):
     )
     _assert_one_line_error(proc, "is not a PyTorch checkpoint")
     assert proc.returncode == 2
+
+
+def test_runs_without_a_logger(synthetic_root, tmp_path):
+    """logger=none: no TensorBoard events, and the LR monitor (which needs a logger) is dropped."""
+    from resnet_cifar.run import train
+
+    cfg = compose_cfg(
+        [*synthetic_overrides(synthetic_root), "logger=none", "report=none", "trainer.max_epochs=1"]
+        + ["scheduler.warmup_epochs=0"],
+        tmp_path,
+    )
+    metrics = train(cfg)
+    assert 0.0 <= metrics["test/acc"] <= 1.0
+    assert not (tmp_path / "tensorboard").exists()
+    assert (tmp_path / "metrics.json").is_file()

@@ -111,6 +111,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         **to_dict(cfg.get("module")),
     )
     loggers = _instantiate_all(cfg.get("logger"))
+    if not loggers:  # nothing to log learning rates to (LearningRateMonitor would refuse to start)
+        callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.LearningRateMonitor)]
     plugins = _instantiate_all(cfg.get("plugins"))
     trainer: pl.Trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins or None
