@@ -79,10 +79,13 @@ def test_resume_from_last_checkpoint_continues(trained_run, synthetic_root, tmp_
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["epochs"] == 3
-    acc = EventAccumulator(str(tmp_path / "tensorboard"))
-    acc.Reload()
-    assert [e.step for e in acc.Scalars("val/acc")][-1:] == [acc.Scalars("val/acc")[-1].step]
-    assert len(acc.Scalars("val/acc")) == 1  # only the third epoch ran
+    first = EventAccumulator(str(trained_run / "tensorboard"))
+    first.Reload()
+    resumed = EventAccumulator(str(tmp_path / "tensorboard"))
+    resumed.Reload()
+    assert len(resumed.Scalars("val/acc")) == 1  # only the third epoch ran
+    # the global step continues from the checkpoint instead of restarting at zero
+    assert resumed.Scalars("val/acc")[0].step > first.Scalars("val/acc")[-1].step
 
 
 def test_multirun_sweeps_the_learning_rate(synthetic_root, tmp_path):
