@@ -17,7 +17,10 @@ from resnet_cifar.data.cifar10 import Split, write_batches
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
-REAL_DATA = Path(os.environ.get("RESNET_CIFAR_DATA", REPO.parent / "shared" / "data" / "cifar10"))
+# Resolved once against the directory pytest was started from, and exported so that the
+# notebooks and scripts the tests start in other working directories find the same data.
+REAL_DATA = Path(os.environ.get("RESNET_CIFAR_DATA", REPO.parent / "shared" / "data" / "cifar10")).resolve()
+os.environ["RESNET_CIFAR_DATA"] = str(REAL_DATA)
 
 N_TRAIN, N_TEST = 500, 100
 
@@ -35,6 +38,20 @@ def synthetic_split(n: int, seed: int) -> Split:
         r, c = divmod(q, 2)
         images[sel, :, r * 16 : r * 16 + 16, c * 16 : c * 16 + 16] += 50
     return Split(images=images.clamp(0, 255).to(torch.uint8), labels=labels)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_user_caches(tmp_path_factory):
+    """No test reads or writes the user's caches: torch hub weights, matplotlib, XDG caches."""
+    home = tmp_path_factory.mktemp("user_caches")
+    saved = {k: os.environ.get(k) for k in ("TORCH_HOME", "XDG_CACHE_HOME", "MPLCONFIGDIR")}
+    os.environ.update(TORCH_HOME=str(home / "torch"), XDG_CACHE_HOME=str(home / "xdg"), MPLCONFIGDIR=str(home / "mpl"))
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
+from pathlib import Path
+
 import pytest
 import torch
 import torchvision
@@ -60,20 +64,62 @@ def test_backbone_head_split_is_addressable_by_name():
     assert {n for n in names if n.startswith("head.")} == {"head.weight", "head.bias"}
 
 
-def test_pretrained_weights_from_the_torch_home_cache(tmp_path, monkeypatch):
-    """The real loading path: torchvision's weights API reading its cache under TORCH_HOME."""
+def _cache_file(tmp_path, monkeypatch, write) -> Path:
+    """Write a file with ``write(path)`` into the TORCH_HOME cache under torchvision's resnet18 name,
+    renamed (with the URL torchvision knows it by) to carry its own SHA-256 prefix, as official files do."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     weights = torchvision.models.ResNet18_Weights.DEFAULT
-    source = torchvision.models.resnet18()  # random tensors, written where torchvision looks
     cache = tmp_path / "hub" / "checkpoints"
     cache.mkdir(parents=True)
-    torch.save(source.state_dict(), cache / weights.url.rsplit("/", 1)[-1])
+    tmp = cache / "upload.pth"
+    write(tmp)
+    digest = hashlib.sha256(tmp.read_bytes()).hexdigest()[:8]
+    url = weights.url.rsplit("/", 1)[0] + f"/resnet18-{digest}.pth"
+    monkeypatch.setattr(weights.value, "url", url)
+    return tmp.rename(cache / f"resnet18-{digest}.pth")
+
+
+def test_pretrained_weights_from_the_torch_home_cache(tmp_path, monkeypatch):
+    """The real loading path: torchvision's cache under TORCH_HOME, hash-checked, read weights-only."""
+    source = torchvision.models.resnet18()  # random tensors, written where torchvision looks
+    _cache_file(tmp_path, monkeypatch, lambda path: torch.save(source.state_dict(), path))
     model = build_model("resnet18", num_classes=10, pretrained=True)
     own = model.state_dict()
     for k, v in source.state_dict().items():
         if not k.startswith("fc."):
             assert torch.equal(own["backbone." + k], v), k
     assert model.head.weight.shape == (10, 512)  # the 1000-class head is not loaded
+
+
+class _RunsCode:
+    """Unpickling this calls ``Path.touch`` on the marker: code run by loading a file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_code_in_the_weights_cache_does_not_run(tmp_path, monkeypatch):
+    marker = tmp_path / "code_ran"
+    # a pickle that runs code, under its own hash: past the hash check, refused by weights_only
+    _cache_file(tmp_path, monkeypatch, lambda path: torch.save({"conv1.weight": _RunsCode(marker)}, path))
+    with pytest.raises(WeightsError, match="refused: it needs arbitrary unpickling"):
+        build_model("resnet18", pretrained=True)
+    assert not marker.exists()
+
+
+def test_a_cached_file_with_the_wrong_hash_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    url = torchvision.models.ResNet18_Weights.DEFAULT.url
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    marker = tmp_path / "code_ran"
+    torch.save({"conv1.weight": _RunsCode(marker)}, cache / url.rsplit("/", 1)[-1])
+    with pytest.raises(WeightsError, match=re.escape(f"is not the file {url.rsplit('/', 1)[-1]} of {url}")):
+        build_model("resnet18", pretrained=True)
+    assert not marker.exists()
 
 
 def test_pretrained_weights_that_cannot_be_downloaded(tmp_path, monkeypatch):

@@ -122,6 +122,8 @@ def test_sigterm_saves_exits_and_resumes(synthetic_root, weights_file, reference
     )
     assert stopped.returncode == EXIT_TERMINATED, stopped.stderr[-2000:]
     assert "Traceback" not in stopped.stderr
+    status = json.loads((out / "status.json").read_text())
+    assert status["status"] == "terminated" and "SIGTERM" in status["error"], status
     saved = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     assert saved["global_step"] == step + 1  # the step in flight was finished and saved: nothing lost
     metrics = train(compose_cfg(args, out))

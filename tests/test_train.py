@@ -12,6 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from resnet_cifar.config import validate_train_config
 from resnet_cifar.errors import ConfigError
+from resnet_cifar.run import objective
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +130,14 @@ def test_multirun_sweeps_the_learning_rate(synthetic_root, tmp_path):
             "unfreeze_at_epoch=1 must be < trainer.max_epochs=1",
         ),
         (["model=resnet18", "stage=linear_probe", "model.pretrained=false"], "set model.pretrained=true"),
+        (
+            ["model=resnet18", "stage=linear_probe", "model.cifar_stem=true"],
+            "model.cifar_stem=true replaces its pretrained stem with a random one that would never train",
+        ),
+        (
+            ["experiment=cpu_30min", "trainer.max_time=null"],
+            "scheduler.progress=time needs a wall-clock budget: set trainer.max_time",
+        ),
         (["ckpt_path=nowhere.ckpt"], "ckpt_path=nowhere.ckpt does not exist"),
         (["label_smoothing=1.5"], "label_smoothing=1.5: expected a number in [0, 1)"),
         (
@@ -194,3 +203,12 @@ def test_runs_without_a_logger(synthetic_root, tmp_path):
     assert 0.0 <= metrics["test/acc"] <= 1.0
     assert not (tmp_path / "tensorboard").exists()
     assert (tmp_path / "metrics.json").is_file()
+
+
+def test_a_run_without_the_optimized_metric_warns_outside_a_sweep(tmp_path, caplog):
+    cfg = compose_cfg([], tmp_path)
+    assert cfg.optimized_metric == "val/acc_best"
+    with caplog.at_level("WARNING"):
+        assert objective(cfg, {"train/acc": 0.5}) is None  # e.g. trainer.limit_val_batches=0
+    assert "optimized_metric='val/acc_best' was not logged" in caplog.text
+    assert objective(cfg, {"val/acc_best": 0.75}) == 0.75

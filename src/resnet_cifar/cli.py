@@ -48,9 +48,9 @@ def run_task(task: Callable[..., Any], *args: Any, failed_value: Any = None) -> 
     """
     try:
         result = task(*args)
-    except SIGTERMException:  # stopped by SIGTERM outside fitting (which saves and exits itself)
+    except SIGTERMException as exc:  # Lightning stopped at a batch end; LastCheckpoint has saved last.ckpt
         log.warning("Stopped by SIGTERM")
-        write_status("terminated")
+        write_status("terminated", exc, "stopped by SIGTERM (signal 15); resumable with ckpt_path=last")
         sys.exit(EXIT_TERMINATED)
     except Exception as exc:
         message = _user_error_message(exc)

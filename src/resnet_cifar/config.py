@@ -15,7 +15,7 @@ from resnet_cifar.errors import ConfigError
 from resnet_cifar.models.factory import CIFAR_MODELS, MODELS
 from resnet_cifar.schema import check_schema
 from resnet_cifar.stages import FreezeSchedule
-from resnet_cifar.training.optim import check_optimizer, check_scheduler
+from resnet_cifar.training.optim import NEEDS_MAX_TIME, check_optimizer, check_scheduler
 
 
 def to_dict(cfg: DictConfig | dict | None) -> dict[str, Any]:
@@ -78,6 +78,14 @@ def check_combinations(cfg: DictConfig) -> None:
     if max_epochs and max_epochs > 0 and warmup > max_epochs:
         raise ConfigError(
             f"scheduler.warmup_epochs={warmup} must be <= trainer.max_epochs={max_epochs} (the warm-up never ends)"
+        )
+    if cfg.scheduler.get("progress") == "time" and not cfg.trainer.get("max_time"):
+        raise ConfigError(NEEDS_MAX_TIME)
+    model, stage = cfg.model, cfg.stage
+    if stage.get("name") == "linear_probe" and model.get("cifar_stem") and model.get("pretrained"):
+        raise ConfigError(
+            "stage=linear_probe freezes the backbone, but model.cifar_stem=true replaces its pretrained stem "
+            "with a random one that would never train: use stage=finetune, or model.cifar_stem=false"
         )
     monitors = [
         f"callbacks.{name}.monitor"

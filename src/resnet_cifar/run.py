@@ -14,12 +14,12 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from resnet_cifar.cli import EXIT_TERMINATED
 from resnet_cifar.config import to_dict, validate_train_config
 from resnet_cifar.data.datamodule import CIFAR10DataModule
 from resnet_cifar.errors import ConfigError, OutputError, WeightsError
 from resnet_cifar.evaluation.report import run_report
 from resnet_cifar.models.weights import safe_load
+from resnet_cifar.sweep import in_multirun
 from resnet_cifar.training.checkpointing import resolve_ckpt_path
 from resnet_cifar.training.module import ImageClassifier
 
@@ -123,10 +123,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except SIGTERMException:  # Lightning stops at a batch end; LastCheckpoint has saved last.ckpt
-        log.warning(
-            "Stopped by SIGTERM. Resume with: python train.py <same overrides> ckpt_path=last hydra.run.dir=%s", out_dir
-        )
-        raise SystemExit(EXIT_TERMINATED) from None
+        log.warning("Resume with: python train.py <same overrides> ckpt_path=last hydra.run.dir=%s", out_dir)
+        raise  # run_task records "terminated" and exits with EXIT_TERMINATED
     metrics = _floats({k: v for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))})
 
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
@@ -147,12 +145,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 
 def objective(cfg: DictConfig, metrics: dict[str, Any]) -> float | None:
-    """The value a Hydra sweeper optimises (``optimized_metric``)."""
+    """The value a Hydra sweeper optimises (``optimized_metric``).
+
+    Missing (e.g. validation turned off) it fails a multirun job, whose sweeper needs it, and
+    is only a warning for a single run, which has finished its work.
+    """
     name = cfg.get("optimized_metric")
     if not name:
         return None
     if name not in metrics:
-        raise ConfigError(f"optimized_metric={name!r} was not logged; logged: {sorted(metrics)}")
+        message = f"optimized_metric={name!r} was not logged; logged: {sorted(metrics)}"
+        if in_multirun():
+            raise ConfigError(message)
+        log.warning("%s (nothing to optimise outside a sweep)", message)
+        return None
     value = float(metrics[name])
     return value if math.isfinite(value) else None
 

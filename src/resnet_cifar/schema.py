@@ -152,6 +152,7 @@ class SchedulerSchema:
     final_div_factor: float = f(1e4, _rng(1))
     anneal_strategy: str = f("linear", _choice("linear", "cos"))
     cycle_momentum: bool = f(False)
+    progress: str = f("steps", _choice("steps", "time"))
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -53,21 +54,41 @@ def _torchvision_backbone(name: str, cifar_stem: bool) -> tuple[nn.Module, int]:
 
 
 def imagenet_state_dict(name: str, weights: str = "DEFAULT") -> dict[str, torch.Tensor]:
-    """torchvision's ImageNet weights for ``name`` (from the cache under ``TORCH_HOME``, or downloaded)."""
+    """torchvision's ImageNet weights for ``name`` (from the cache under ``TORCH_HOME``, or downloaded).
+
+    Written out instead of ``WeightsEnum.get_state_dict``: that one unpickles a cached file
+    without ``weights_only`` and without checking its hash, so a file placed in the cache by
+    hand could run code. Here the file (cached or just downloaded, with a progress bar) must
+    match the SHA-256 prefix in its official name, and is read with ``weights_only=True``.
+    """
     try:
         enum = torchvision.models.get_model_weights(name)[weights]
     except KeyError:
         options = ["DEFAULT", *torchvision.models.get_model_weights(name).__members__]
         raise ConfigError(f"model.weights={weights!r} is unknown for {name}; choose one of {options}") from None
-    hub_dir = Path(torch.hub.get_dir()) / "checkpoints"
-    target = hub_dir / os.path.basename(enum.url)
-    try:
-        return enum.get_state_dict(progress=False, check_hash=False)
-    except Exception as e:  # URLError, HTTPError, OSError, ... on a machine without network
+    target = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(enum.url)
+    found = torch.hub.HASH_REGEX.search(target.name)
+    expected = found.group(1) if found else ""
+    if not target.is_file():
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            # writes a temporary file and moves it into place once its hash is right
+            torch.hub.download_url_to_file(enum.url, str(target), hash_prefix=expected or None, progress=True)
+        except Exception as e:  # URLError, HTTPError, OSError, a hash mismatch ... (no network here)
+            raise WeightsError(
+                f"cannot get the ImageNet weights {name}.{enum.name} ({type(e).__name__}: {str(e)[:120]}). "
+                f"Download {enum.url} and put it at {target} (under TORCH_HOME), or set model.weights_path=<file>"
+            ) from None
+    digest = hashlib.sha256()
+    with target.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    if not digest.hexdigest().startswith(expected):
         raise WeightsError(
-            f"cannot get the ImageNet weights {name}.{enum.name} ({type(e).__name__}: {str(e)[:120]}). "
-            f"Download {enum.url} and put it at {target} (under TORCH_HOME), or set model.weights_path=<file>"
-        ) from None
+            f"{target} is not the file {target.name} of {enum.url} (its SHA-256 does not start with {expected}): "
+            "delete it and download that URL again"
+        )
+    return safe_load(target, f"ImageNet weights {name}.{enum.name}")
 
 
 def build_model(

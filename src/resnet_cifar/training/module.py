@@ -17,7 +17,13 @@ from resnet_cifar.models.weights import safe_load
 from resnet_cifar.stages import FreezeSchedule
 from resnet_cifar.training import metric_state
 from resnet_cifar.training.ddp import lr_scale
-from resnet_cifar.training.optim import build_optimizer, build_scheduler, check_optimizer, param_groups
+from resnet_cifar.training.optim import (
+    budget_progress,
+    build_optimizer,
+    build_scheduler,
+    check_optimizer,
+    param_groups,
+)
 
 
 class ImageClassifier(pl.LightningModule):
@@ -171,11 +177,14 @@ class ImageClassifier(pl.LightningModule):
             no_decay_bn_bias=opt_cfg.get("no_decay_bn_bias", True),
         )
         optimizer = build_optimizer(opt_cfg, groups)
+        sched_cfg = dict(self.hparams.scheduler)
+        by_time = sched_cfg.get("progress", "steps") == "time"
         scheduler = build_scheduler(
-            dict(self.hparams.scheduler),
+            sched_cfg,
             optimizer,
-            total_steps=self.trainer.estimated_stepping_batches,
+            total_steps=1 if by_time else self.trainer.estimated_stepping_batches,
             max_epochs=self.trainer.max_epochs,
+            time_progress=budget_progress(self.trainer) if by_time else None,
         )
         if scheduler is None:
             return {"optimizer": optimizer}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -66,7 +66,7 @@ def build_optimizer(cfg: dict[str, Any], groups: list[dict[str, Any]]) -> torch.
 
 
 class WarmupDecay:
-    """LR multiplier per step: linear warm-up from ``warmup_start``, then cosine, step or constant.
+    """LR multiplier per step: linear warm-up from ``warmup_start``, then cosine, linear, step or constant.
 
     A callable object (not a closure) so that ``LambdaLR`` saves and restores it with
     the checkpoint.
@@ -93,9 +93,38 @@ class WarmupDecay:
             span = max(1, self.total_steps - self.warmup_steps)
             t = min(1.0, (step - self.warmup_steps) / span)
             return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+        if self.kind == "linear":
+            span = max(1, self.total_steps - 1 - self.warmup_steps)
+            t = min(1.0, (step - self.warmup_steps) / span)
+            return 1 - (1 - self.min_lr_ratio) * t
         if self.kind == "multistep":
             return self.gamma ** sum(step >= m for m in self.milestones)
         return 1.0
+
+
+# Resolution of a schedule over a wall-clock budget: progress is rounded to 1/TIME_STEPS.
+TIME_STEPS = 10_000
+NEEDS_MAX_TIME = "scheduler.progress=time needs a wall-clock budget: set trainer.max_time=DD:HH:MM:SS"
+
+
+def budget_progress(trainer: Any) -> Callable[[], float]:
+    """Fraction of ``trainer.max_time`` spent training, from Lightning's ``Timer`` callback.
+
+    The Timer keeps its elapsed time in checkpoints, so a resumed run continues the schedule
+    where it stopped. Under DDP rank 0's clock decides, so that every rank uses the same LR.
+    """
+    from pytorch_lightning.callbacks import Timer
+
+    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+    remaining = timer.time_remaining() if timer is not None else None
+    if remaining is None:
+        raise ConfigError(NEEDS_MAX_TIME)
+    duration = remaining + timer.time_elapsed()
+
+    def progress() -> float:
+        return float(trainer.strategy.broadcast(min(1.0, timer.time_elapsed() / duration)))
+
+    return progress
 
 
 def check_scheduler(cfg: dict[str, Any]) -> None:
@@ -107,14 +136,35 @@ def check_scheduler(cfg: dict[str, Any]) -> None:
     ms = cfg.get("milestones", [])
     if name == "multistep" and (not ms or any(not 0 < m < 1 for m in ms)):
         raise ConfigError(f"scheduler.milestones={list(ms)} must be fractions of training in (0, 1)")
+    if cfg.get("progress", "steps") == "time" and cfg.get("warmup_epochs", 0) and name != "onecycle":
+        raise ConfigError(
+            f"scheduler.warmup_epochs={cfg.get('warmup_epochs')} has no length under a time budget "
+            "(scheduler.progress=time): set it to 0, or use scheduler=onecycle (warm-up as pct_start)"
+        )
 
 
 def build_scheduler(
-    cfg: dict[str, Any], optimizer: torch.optim.Optimizer, total_steps: int, max_epochs: int | None
+    cfg: dict[str, Any],
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    max_epochs: int | None,
+    time_progress: Callable[[], float] | None = None,
 ) -> torch.optim.lr_scheduler.LRScheduler | None:
-    """A per-step scheduler sized from ``trainer.estimated_stepping_batches``."""
+    """A per-step scheduler sized from ``trainer.estimated_stepping_batches``.
+
+    With ``progress: time`` the same shapes run over a wall-clock budget instead of a step
+    count: ``time_progress()`` (see :func:`budget_progress`) gives the fraction spent, so a
+    budget preset ends its schedule in time on a fast or a slow machine.
+    """
     check_scheduler(cfg)
     name = cfg["name"]
+    if cfg.get("progress", "steps") == "time":
+        if time_progress is None:
+            raise ConfigError(NEEDS_MAX_TIME)
+        fn = _time_shape(cfg)
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda _: fn(min(TIME_STEPS - 1, int(time_progress() * TIME_STEPS)))
+        )
     total_steps = max(1, int(total_steps))
     steps_per_epoch = total_steps / max_epochs if max_epochs and max_epochs > 0 else total_steps
     warmup = min(total_steps - 1, round(cfg.get("warmup_epochs", 0) * steps_per_epoch))
@@ -141,3 +191,30 @@ def build_scheduler(
         warmup_start=cfg.get("warmup_start", 0.0),
     )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+
+
+def _time_shape(cfg: dict[str, Any]) -> WarmupDecay:
+    """The multiplier of a time-budget schedule over :data:`TIME_STEPS` virtual steps.
+
+    torch's ``OneCycleLR`` counts real steps, so under a time budget ``onecycle`` is drawn
+    by :class:`WarmupDecay` with the same shape: from ``1/div_factor`` up to 1 over
+    ``pct_start``, then down to ``1/(div_factor * final_div_factor)`` (linear or cosine).
+    """
+    name = cfg["name"]
+    if name == "onecycle":
+        div = cfg.get("div_factor", 25.0)
+        return WarmupDecay(
+            TIME_STEPS,
+            round(cfg.get("pct_start", 0.25) * TIME_STEPS),
+            kind="linear" if cfg.get("anneal_strategy", "linear") == "linear" else "cosine",
+            min_lr_ratio=1 / (div * cfg.get("final_div_factor", 1e4)),
+            warmup_start=1 / div,
+        )
+    return WarmupDecay(
+        TIME_STEPS,
+        0,
+        kind=name,
+        milestones=cfg.get("milestones", ()),
+        gamma=cfg.get("gamma", 0.1),
+        min_lr_ratio=cfg.get("min_lr_ratio", 0.0),
+    )

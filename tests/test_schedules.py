@@ -1,0 +1,99 @@
+"""LR schedules: their values per step, and the time-budget mode of the CPU presets."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from pytorch_lightning.callbacks import Timer
+
+from resnet_cifar.errors import ConfigError
+from resnet_cifar.training.optim import TIME_STEPS, budget_progress, build_scheduler
+
+
+def _lrs(cfg: dict, total: int, max_epochs: int = 10, lr: float = 1.0, progress=None) -> list[float]:
+    """The LR used at each of ``total`` steps."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    sched = build_scheduler(cfg, opt, total_steps=total, max_epochs=max_epochs, time_progress=progress)
+    out = []
+    for _ in range(total):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_cosine_warms_up_linearly_then_decays_to_the_floor():
+    # 100 steps over 10 epochs: 1 warm-up epoch = 10 steps
+    lrs = _lrs({"name": "cosine", "warmup_epochs": 1, "min_lr_ratio": 0.1}, total=100)
+    assert lrs[:10] == pytest.approx([(i + 1) / 10 for i in range(10)])
+    assert lrs[10] == pytest.approx(1.0)
+    t = (55 - 10) / 90  # halfway through the decay: the mean of peak and floor
+    assert lrs[55] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+    assert lrs[-1] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 89 / 90)))
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_multistep_divides_at_the_he_milestones():
+    # experiment=resnet20_he2016: /10 at 50% and 75% of the steps
+    lrs = _lrs({"name": "multistep", "milestones": [0.5, 0.75], "gamma": 0.1}, total=64, lr=0.1)
+    assert lrs[31] == pytest.approx(0.1) and lrs[32] == pytest.approx(0.01)
+    assert lrs[47] == pytest.approx(0.01) and lrs[48] == pytest.approx(0.001)
+
+
+def test_onecycle_peaks_at_pct_start():
+    cfg = {"name": "onecycle", "pct_start": 0.25, "div_factor": 25.0, "final_div_factor": 1e4}
+    lrs = _lrs(cfg, total=100, lr=0.2)
+    assert lrs[0] == pytest.approx(0.2 / 25)
+    assert max(lrs) == pytest.approx(0.2) and lrs.index(max(lrs)) == 24
+    assert lrs[-1] < 0.2 / 25 / 1e3
+
+
+def test_time_budget_schedule_follows_the_clock_not_the_steps():
+    cfg = {"name": "onecycle", "pct_start": 0.25, "div_factor": 25.0, "final_div_factor": 1e4, "progress": "time"}
+    clock = {"t": 0.0}
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.2)
+    sched = build_scheduler(cfg, opt, total_steps=1, max_epochs=-1, time_progress=lambda: clock["t"])
+    seen = {}
+    for t in (0.0, 0.125, 0.25, 0.625, 1.0):
+        clock["t"] = t
+        sched.step()  # any number of steps may have passed: only the clock counts
+        seen[t] = opt.param_groups[0]["lr"]
+    assert seen[0.0] == pytest.approx(0.2 / 25, rel=1e-3)
+    assert seen[0.125] == pytest.approx(0.2 / 25 + (0.2 - 0.2 / 25) / 2, rel=1e-3)  # half-way up the warm-up
+    assert seen[0.25] == pytest.approx(0.2, rel=1e-3)  # the peak
+    assert seen[0.625] == pytest.approx(0.1, rel=1e-3)  # half-way down
+    assert seen[1.0] == pytest.approx(0.2 / 25 / 1e4, rel=1e-2)  # the floor
+    # the step-based OneCycleLR at the same fractions agrees
+    steps = _lrs({k: v for k, v in cfg.items() if k != "progress"}, total=TIME_STEPS, lr=0.2)
+    for t, lr in seen.items():
+        assert lr == pytest.approx(steps[min(TIME_STEPS - 1, int(t * TIME_STEPS))], rel=1e-3, abs=1e-6)
+    # nothing of the clock goes into the checkpoint
+    assert sched.state_dict()["_lr_lambdas"] == [None]
+
+
+class _Strategy:
+    def broadcast(self, obj):
+        return obj
+
+
+class _Trainer:
+    def __init__(self, callbacks):
+        self.callbacks, self.strategy = callbacks, _Strategy()
+
+
+def test_budget_progress_reads_lightnings_timer_and_its_restored_offset():
+    timer = Timer(duration="00:00:10:00")  # 600 s
+    timer.load_state_dict({"time_elapsed": {"train": 150.0}})  # a resumed run had spent 150 s
+    progress = budget_progress(_Trainer([timer]))
+    assert progress() == pytest.approx(0.25)
+    timer.load_state_dict({"time_elapsed": {"train": 900.0}})
+    assert progress() == 1.0  # clamped: past the budget the schedule stays at its end
+
+
+def test_time_budget_needs_max_time_and_fractional_warmup():
+    with pytest.raises(ConfigError, match="trainer.max_time"):
+        budget_progress(_Trainer([]))
+    with pytest.raises(ConfigError, match="no length under a time budget"):
+        _lrs({"name": "cosine", "warmup_epochs": 1, "progress": "time"}, total=10, progress=lambda: 0.0)
