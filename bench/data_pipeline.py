@@ -5,7 +5,7 @@ horizontal flip with p=1/2, per-sample; then uint8 -> float and normalisation), 
 torchvision.transforms.v2-on-a-batch row, which draws ONE crop and flip for the whole batch
 (v2 transforms treat a batch as one image) and is listed only for its speed.
 
-    PYTHONPATH=src RESNET_CIFAR_DATA=/work/shared/data/cifar10 python bench/data_pipeline.py
+    RESNET_CIFAR_DATA=<dir holding cifar-10-batches-py> python bench/data_pipeline.py
 """
 
 from __future__ import annotations
