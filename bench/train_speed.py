@@ -32,6 +32,7 @@ from resnet_cifar.data.datamodule import CIFAR10DataModule
 from resnet_cifar.models.factory import build_model
 from resnet_cifar.training.module import ImageClassifier
 
+BATCH = 128
 CONF_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "conf")
 
 
@@ -78,7 +79,7 @@ class PlainLoop:
         t = time.perf_counter()
         for _ in range(steps):
             self.step()
-        return steps * self.dm.batch_size / (time.perf_counter() - t)
+        return steps * BATCH / (time.perf_counter() - t)
 
 
 class _BatchClock(pl.Callback):
@@ -113,7 +114,7 @@ def trainer_fit(dm: CIFAR10DataModule, options: dict, warmup: int, steps: int) -
     )
     trainer.fit(module, datamodule=dm)
     timed = clock.ends[warmup - 1 :]
-    return (len(timed) - 1) * dm.batch_size / (timed[-1] - timed[0])
+    return (len(timed) - 1) * BATCH / (timed[-1] - timed[0])
 
 
 def main() -> None:
@@ -124,7 +125,7 @@ def main() -> None:
     p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile arm")
     args = p.parse_args()
     print(f"machine: {machine()}\n")
-    dm = CIFAR10DataModule(root=DATA_ROOT, download=False, batch_size=128, seed=0)
+    dm = CIFAR10DataModule(root=DATA_ROOT, download=False, batch_size=BATCH, seed=0)
     dm.setup("fit")
     options = default_module_options()
     options = {k: options[k] for k in ("channels_last", "compile")}
@@ -157,7 +158,7 @@ def main() -> None:
     compiled = loops.get("plain loop, channels_last + torch.compile")
     if compiled is not None:
         print(f"\ntorch.compile: first step (compilation) {compiled.compile_s:.0f} s")
-    print(f"\nmachine at the end: {machine()}")
+    print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

@@ -90,7 +90,7 @@ def test_summary_cli_error_on_missing_dir(tmp_path):
 
 def execute_notebook(name: str, env: dict[str, str], tmp_path: Path) -> list[str]:
     """Run ``notebooks/<name>`` top to bottom in a fresh kernel; return its stdout texts."""
-    nbformat = pytest.importorskip("nbformat")
+    import nbformat  # the dev extra: a missing one is an error, not a skip
     from nbclient import NotebookClient
 
     nb = nbformat.read(REPO / "notebooks" / name, as_version=4)
