@@ -72,7 +72,7 @@ def test_time_budget_schedule_follows_the_clock_not_the_steps():
     for t, lr in seen.items():
         assert lr == pytest.approx(steps[min(TIME_STEPS - 1, int(t * TIME_STEPS))], abs=tol)
     # nothing of the clock goes into the checkpoint
-    assert sched.state_dict()["_lr_lambdas"] == [None]
+    assert sched.state_dict()["lr_lambdas"] == [None]
 
 
 class _Strategy:
