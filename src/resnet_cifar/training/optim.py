@@ -165,6 +165,13 @@ def build_scheduler(
         return torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda _: fn(min(TIME_STEPS - 1, int(time_progress() * TIME_STEPS)))
         )
+    if name == "none" and not cfg.get("warmup_epochs", 0):
+        return None
+    if not math.isfinite(total_steps):
+        raise ConfigError(
+            f"scheduler={name} needs a known training length but trainer.max_epochs and "
+            "trainer.max_steps are unbounded: set one, or scheduler.progress=time with trainer.max_time"
+        )
     total_steps = max(1, int(total_steps))
     steps_per_epoch = total_steps / max_epochs if max_epochs and max_epochs > 0 else total_steps
     warmup = min(total_steps - 1, round(cfg.get("warmup_epochs", 0) * steps_per_epoch))
