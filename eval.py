@@ -1,18 +1,10 @@
-"""Evaluate a checkpoint on the CIFAR-10 test set: `python eval.py ckpt_path=...`."""
+"""Evaluate a checkpoint on the CIFAR-10 test set: `python eval.py ckpt_path=...` (= `resnet-cifar-eval ...`).
 
-import hydra
-from omegaconf import DictConfig
+A thin wrapper for a checkout: the command, its configs and its logic live in the package
+(resnet_cifar.cli, resnet_cifar/conf).
+"""
 
-from resnet_cifar.cli import run_task
-from resnet_cifar.preflight import check_output_dirs
-from resnet_cifar.run import evaluate
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="eval")
-def main(cfg: DictConfig) -> None:
-    run_task(evaluate, cfg)
-
+from resnet_cifar.cli import evaluate
 
 if __name__ == "__main__":
-    check_output_dirs()  # before Hydra creates the run directory
-    main()
+    evaluate()

@@ -1,17 +1,11 @@
-"""Export a checkpoint to ONNX, torch.export and safetensors, checked on real test images:
-`python export.py ckpt_path=<run>/checkpoints/last.ckpt`."""
+"""Export a checkpoint to ONNX, torch.export and safetensors: `python export.py ckpt_path=...`
+(= `resnet-cifar-export ...`).
 
-import hydra
-from omegaconf import DictConfig
+A thin wrapper for a checkout: the command, its configs and its logic live in the package
+(resnet_cifar.cli, resnet_cifar/conf).
+"""
 
-from resnet_cifar.cli import run_task
-from resnet_cifar.export import export
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="export")
-def main(cfg: DictConfig) -> None:
-    run_task(export, cfg)
-
+from resnet_cifar.cli import export
 
 if __name__ == "__main__":
-    main()
+    export()

@@ -1,17 +1,10 @@
-"""Classify PNG/JPEG images with a trained checkpoint:
-`python predict.py ckpt_path=<run>/checkpoints/last.ckpt inputs=<image or folder>`."""
+"""Classify PNG/JPEG images: `python predict.py ckpt_path=... inputs=<image or folder>` (= `resnet-cifar-predict ...`).
 
-import hydra
-from omegaconf import DictConfig
+A thin wrapper for a checkout: the command, its configs and its logic live in the package
+(resnet_cifar.cli, resnet_cifar/conf).
+"""
 
-from resnet_cifar.cli import run_task
-from resnet_cifar.inference import predict
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="predict")
-def main(cfg: DictConfig) -> None:
-    run_task(predict, cfg)
-
+from resnet_cifar.cli import predict
 
 if __name__ == "__main__":
-    main()
+    predict()

@@ -7,7 +7,7 @@ its ratio to the reference, a plain eager PyTorch loop in NCHW fp32:
 
 - plain loop, NCHW fp32 (the reference) / channels_last / channels_last + torch.compile /
   bf16 autocast (CPU only: what it does without AMX);
-- ``Trainer.fit`` with the module options of ``conf/train.yaml`` (what ``python train.py`` runs).
+- ``Trainer.fit`` with the module options of ``src/resnet_cifar/conf/train.yaml`` (what ``python train.py`` runs).
 
 Compilation is timed separately (the first call of the compiled model, forward and backward).
 
@@ -28,12 +28,13 @@ from _common import DATA_ROOT, machine, median, print_table
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from resnet_cifar import CONFIG_DIR
 from resnet_cifar.data.datamodule import CIFAR10DataModule
 from resnet_cifar.models.factory import build_model
 from resnet_cifar.training.module import ImageClassifier
 
 BATCH = 128
-CONF_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "conf")
+CONF_DIR = str(CONFIG_DIR)
 
 
 def default_module_options() -> dict:

@@ -29,6 +29,7 @@ sys.path.insert(0, str(REPO / "src"))
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 
+from resnet_cifar import CONFIG_DIR  # noqa: E402
 from resnet_cifar.models.weights import safe_load  # noqa: E402
 from resnet_cifar.run import train  # noqa: E402
 
@@ -69,7 +70,7 @@ def run_cell(name: str, overrides: list[str], out: Path, report_only: bool = Fal
     if report_only:
         log.warning("%s: not run yet, left out of the report", name)
         return None
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", overrides=[*overrides, f"paths.output_dir={cell_dir}"])
     log.info("%s: python train.py %s", name, " ".join(overrides))
     start = time.perf_counter()

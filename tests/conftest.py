@@ -13,10 +13,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from resnet_cifar import CONFIG_DIR
 from resnet_cifar.data.cifar10 import Split, write_batches
 
 REPO = Path(__file__).resolve().parents[1]
-CONF = REPO / "conf"
+CONF = CONFIG_DIR
 # Resolved once against the directory pytest was started from, and exported so that the
 # notebooks and scripts the tests start in other working directories find the same data.
 REAL_DATA = Path(os.environ.get("RESNET_CIFAR_DATA", REPO.parent / "shared" / "data" / "cifar10")).resolve()

@@ -234,15 +234,35 @@ def test_transform_batch_outside_a_trainer(synthetic_root):
     assert torch.equal(x_hook, x_eval)
 
 
-def test_tensor_and_torchvision_loaders_agree_on_evaluation_batches(synthetic_root):
-    tensor_dm = _dm(synthetic_root, loader="tensor")
-    tv_dm = _dm(synthetic_root, loader="torchvision")
+@pytest.mark.parametrize("image_size", [32, 16, 64])
+def test_tensor_and_torchvision_loaders_agree_on_evaluation_batches(synthetic_root, image_size):
+    tensor_dm = _dm(synthetic_root, loader="tensor", image_size=image_size)
+    tv_dm = _dm(synthetic_root, loader="torchvision", image_size=image_size)
     for split in ("val", "test"):
         t_batch = next(iter(getattr(tensor_dm, f"{split}_dataloader")()))
         x_t, y_t = tensor_dm.transform_batch(t_batch, train=False)
         x_v, y_v, _ = next(iter(getattr(tv_dm, f"{split}_dataloader")()))
+        assert x_t.shape[-1] == image_size
         torch.testing.assert_close(x_t, x_v, atol=1e-5, rtol=1e-5)
         assert torch.equal(y_t, y_v)
+
+
+def test_preprocess_is_one_resize_and_normalisation_for_uint8_and_float_inputs():
+    """Shrinking is antialiased (as torchvision's Resize); uint8 and [0, 1] floats agree."""
+    from torchvision.transforms.v2 import functional as TF
+
+    from resnet_cifar.data.preprocess import Preprocess
+
+    images = _images(4, seed=9)
+    mean, std = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
+    for size in (16, 32, 64):
+        p = Preprocess(mean, std, size)
+        x = p(images)
+        assert x.shape == (4, 3, size, size)
+        torch.testing.assert_close(x, p(images.float() / 255), atol=1e-5, rtol=0)
+        torch.testing.assert_close(p(images[0]), x[0], atol=1e-6, rtol=0)  # one image, no batch dim
+        ref = TF.normalize(TF.resize(images.float() / 255, [size, size], antialias=True), mean, std)
+        torch.testing.assert_close(x, ref, atol=1e-4, rtol=0)
 
 
 def test_torchvision_training_batches_are_windows_of_the_padded_images(synthetic_root):

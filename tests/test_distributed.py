@@ -163,7 +163,7 @@ def test_ddp_finetune_across_unfreeze_matches_single_process(tmp_path, odd_root,
     assert lrs and all(math.isclose(v, 0.04, rel_tol=1e-6) for k, v in lrs.items() if k.endswith("head")), lrs
 
     # The DDP test accuracy (101 images over 2 ranks, un-padded) equals a single-process evaluation.
-    r = run_script("eval.py", f"ckpt_path={metrics['best_ckpt']}", f"data_root={odd_root}", cwd=tmp_path)
+    r = run_script("eval.py", f"ckpt_path={metrics['best_ckpt']}", f"data.root={odd_root}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     single = json.loads(next((tmp_path / "logs" / "eval" / "runs").glob("*/metrics.json")).read_text())
     assert single["test/acc"] == metrics["test/acc"]

@@ -96,7 +96,7 @@ def test_train_writes_report_files_metrics_and_tensorboard(run_dir):
 
 def test_report_numbers_agree_with_an_independent_computation(run_dir, ckpt, synthetic_root):
     report = json.loads((run_dir / "metrics.json").read_text())["report"]
-    module = ImageClassifier.from_checkpoint(ckpt).eval()
+    module = ImageClassifier.load_trained(ckpt)[0]
     _, labels, x = normalised_test_images(synthetic_root)
     with torch.no_grad():
         probs = module.model(x).softmax(-1).numpy()
@@ -156,7 +156,7 @@ def test_eval_script_writes_report_with_flip_tta(run_dir, ckpt, synthetic_root, 
     res = run_script(
         "eval.py",
         f"ckpt_path={ckpt}",
-        f"data_root={synthetic_root}",
+        f"data.root={synthetic_root}",
         "tta_flip=true",
         f"hydra.run.dir={out}",
         cwd=tmp_path,
@@ -184,7 +184,7 @@ def test_predict_on_png_files_equals_prediction_on_the_tensor(ckpt, synthetic_ro
     result = predict(cfg)
     assert sorted(Path(f).name for f, _ in result.skipped) == ["notes.txt", "truncated.png"]
     assert len(result.predictions) == 6
-    module = ImageClassifier.from_checkpoint(ckpt).eval()
+    module = ImageClassifier.load_trained(ckpt)[0]
     with torch.no_grad():
         probs = module.model(x[:6]).softmax(-1)
     by_name = {Path(p.file).name: p for p in result.predictions}
@@ -235,7 +235,7 @@ def test_export_matches_pytorch(ckpt, synthetic_root, tmp_path):
     from resnet_cifar.export import export, load_safetensors_model
     from resnet_cifar.models.factory import build_model
 
-    cfg = compose_cfg([f"ckpt_path={ckpt}", f"data_root={synthetic_root}", "check_images=100"], tmp_path, "export")
+    cfg = compose_cfg([f"ckpt_path={ckpt}", f"data.root={synthetic_root}", "check_images=100"], tmp_path, "export")
     summary = export(cfg)
     assert set(summary["checks"]) == {"pytorch_wrapper", "onnx", "torch_export", "safetensors"}
     assert all(c["max_abs_diff"] <= 1e-3 and c["argmax_agreement"] == 1.0 for c in summary["checks"].values())
@@ -243,7 +243,7 @@ def test_export_matches_pytorch(ckpt, synthetic_root, tmp_path):
 
     # independently of export's own check: [0, 1] images in, the module's logits out
     images, _, x = normalised_test_images(synthetic_root)
-    module = ImageClassifier.from_checkpoint(ckpt).eval()
+    module = ImageClassifier.load_trained(ckpt)[0]
     with torch.no_grad():
         ref = module.model(x)
     x01 = images.float() / 255

@@ -18,12 +18,13 @@ import torch
 from conftest import REPO, compose_cfg, run_script, synthetic_overrides, synthetic_split
 from hydra import compose, initialize_config_dir
 
+from resnet_cifar import CONFIG_DIR
+from resnet_cifar.cli import unwritable_reason
 from resnet_cifar.config import to_dict, validate_train_config
 from resnet_cifar.data import cifar10
 from resnet_cifar.errors import ConfigError, DataError, OutputError, WeightsError
 from resnet_cifar.models.factory import build_model
 from resnet_cifar.models.weights import safe_load
-from resnet_cifar.preflight import unwritable_reason
 from resnet_cifar.run import train, write_metrics
 from resnet_cifar.schema import check_schema
 from resnet_cifar.training.checkpointing import atomic_torch_save
@@ -147,8 +148,8 @@ def test_bad_configs_fail_with_one_line_naming_key_value_and_range(tmp_path, ove
 def test_every_shipped_config_option_passes_the_schema(tmp_path):
     """A key added to a conf/ file but not to resnet_cifar/schema.py fails here, not in a user's run."""
     validate_train_config(compose_cfg([], tmp_path / "run"))
-    groups = [d for d in sorted((REPO / "conf").iterdir()) if d.is_dir() and d.name != "hydra"]
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    groups = [d for d in sorted(CONFIG_DIR.iterdir()) if d.is_dir() and d.name != "hydra"]
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         for group in groups:
             for option in sorted(group.glob("[!_]*.yaml")):
                 cfg = compose("train", overrides=[f"{group.name}={option.stem}", f"paths.output_dir={tmp_path}"])

@@ -99,3 +99,11 @@ def test_time_budget_needs_max_time_and_fractional_warmup():
         budget_progress(_Trainer([]))
     with pytest.raises(ConfigError, match="no length under a time budget"):
         _lrs({"name": "cosine", "warmup_epochs": 1, "progress": "time"}, total=10, progress=lambda: 0.0)
+
+
+def test_an_unbounded_run_keeps_a_constant_lr_or_says_what_to_set():
+    """max_epochs=-1 with only a time budget: Lightning estimates infinitely many steps."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    assert build_scheduler({"name": "none"}, opt, total_steps=math.inf, max_epochs=-1) is None
+    with pytest.raises(ConfigError, match="scheduler.progress=time"):
+        build_scheduler({"name": "cosine"}, opt, total_steps=math.inf, max_epochs=-1)

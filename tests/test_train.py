@@ -57,7 +57,7 @@ def test_eval_reports_the_same_test_accuracy(trained_run, synthetic_root, tmp_pa
     proc = run_script(
         "eval.py",
         f"ckpt_path={metrics['best_ckpt']}",
-        f"data_root={synthetic_root}",
+        f"data.root={synthetic_root}",
         "trainer.accelerator=cpu",
         f"hydra.run.dir={tmp_path}",
         cwd=tmp_path,

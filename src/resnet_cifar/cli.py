@@ -1,4 +1,10 @@
-"""Entry-point glue: turn user errors into one line on stderr and a non-zero exit.
+"""The four commands and the one runner that wraps them.
+
+``resnet-cifar-train``, ``-eval``, ``-predict`` and ``-export`` (and the ``train.py`` ... scripts of
+a checkout, which call them) are Hydra apps over the configs shipped in ``resnet_cifar/conf``.
+Each goes through :func:`command`: checks on the command line before Hydra creates the run
+directory (:func:`preflight`), then :func:`run_task`, which turns user errors into one line on
+stderr and a non-zero exit, records every outcome in ``status.json`` and handles SIGTERM.
 
 In a Hydra multirun a failing job must not end the sweep: the failure is recorded in the
 job's ``status.json`` (see :mod:`resnet_cifar.sweep`) and the job returns ``failed_value``;
@@ -9,17 +15,20 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
+import hydra
 from hydra.errors import InstantiationException
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from omegaconf.errors import OmegaConfBaseException
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from resnet_cifar.errors import UserError
-from resnet_cifar.sweep import in_multirun, write_status
+from resnet_cifar.errors import UserError, require_extra
+from resnet_cifar.sweep import failed_objective, in_multirun, write_status
 
 log = logging.getLogger("resnet_cifar")
 EXIT_USER_ERROR = 2
@@ -68,3 +77,116 @@ def run_task(task: Callable[..., Any], *args: Any, failed_value: Any = None) -> 
         sys.exit(EXIT_USER_ERROR)
     write_status("completed")
     return result
+
+
+# Output directories the command line may name; Hydra creates them before the task starts.
+DIR_KEYS = ("hydra.run.dir", "hydra.sweep.dir", "paths.log_dir")
+# Config choices that need an optional dependency group: (override prefix, modules, extra).
+EXTRAS = (
+    ("hparams_search=", ("optuna", "hydra_plugins.hydra_optuna_sweeper"), "search"),
+    ("hydra/sweeper=optuna", ("optuna", "hydra_plugins.hydra_optuna_sweeper"), "search"),
+    ("hydra/launcher=", ("submitit", "hydra_plugins.hydra_submitit_launcher"), "cluster"),
+)
+
+
+def output_dirs(argv: Sequence[str]) -> list[tuple[str, str]]:
+    """``(key, directory)`` pairs the run will create, as far as the command line tells (no interpolations)."""
+    found = []
+    for arg in argv:
+        key, sep, value = arg.lstrip("+~").partition("=")
+        if sep and key in DIR_KEYS and value and "${" not in value:
+            found.append((key, value))
+    if not any(k.startswith("hydra.") for k, _ in found):  # the run directory goes under paths.log_dir
+        if not any(k == "paths.log_dir" for k, _ in found):
+            found.append(("paths.log_dir", os.environ.get("RESNET_CIFAR_LOGS", "logs")))
+    else:
+        found = [(k, v) for k, v in found if k.startswith("hydra.")]
+    return found
+
+
+def unwritable_reason(directory: str | os.PathLike) -> str | None:
+    """Why ``directory`` cannot be created or written to, or None if it can."""
+    path = Path(directory).expanduser().absolute()
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
+
+
+def preflight(argv: Sequence[str]) -> str | None:
+    """The ``error:`` message for a command line that cannot run, found before Hydra starts.
+
+    Hydra creates ``hydra.run.dir`` (and writes its config there) before the task starts and
+    reports a failure to do so, or a sweeper/launcher plugin that is not installed, with a
+    traceback; these checks say it in one line instead.
+    """
+    for key, directory in output_dirs(argv):
+        reason = unwritable_reason(directory)
+        if reason:
+            return f"{key}={directory} cannot be used as an output directory: {reason}; choose another directory"
+    for prefix, modules, extra in EXTRAS:
+        choice = next((a for a in argv if a.lstrip("+").startswith(prefix)), None)
+        if choice and not choice.endswith("=null"):
+            try:
+                require_extra(modules, extra, choice.lstrip("+"))
+            except UserError as e:
+                return str(e)
+    return None
+
+
+def command(task: Callable[[Any], Any], config_name: str, sweepable: bool = False) -> Callable[[], Any]:
+    """A console command: :func:`preflight`, then the Hydra app ``config_name`` running ``task``.
+
+    ``sweepable``: in a multirun a failed job returns the sweeper's worst value
+    (:func:`~resnet_cifar.sweep.failed_objective`) instead of stopping the other jobs.
+    """
+
+    @hydra.main(version_base="1.3", config_path="conf", config_name=config_name)
+    def app(cfg: Any) -> Any:
+        failed_value = failed_objective() if sweepable and in_multirun() else None
+        return run_task(task, cfg, failed_value=failed_value)
+
+    def main() -> Any:
+        message = None if any(a in ("-h", "--help", "--hydra-help") for a in sys.argv[1:]) else preflight(sys.argv[1:])
+        if message:
+            print(f"error: {message}", file=sys.stderr, flush=True)
+            sys.exit(EXIT_USER_ERROR)
+        return app()
+
+    main.__doc__ = f"Hydra app over conf/{config_name}.yaml running {task.__module__}.{task.__name__}."
+    return main
+
+
+def _train(cfg: Any) -> Any:
+    from resnet_cifar.run import objective, train
+
+    return objective(cfg, train(cfg))
+
+
+def _evaluate(cfg: Any) -> Any:
+    from resnet_cifar.run import evaluate
+
+    return evaluate(cfg)
+
+
+def _predict(cfg: Any) -> Any:
+    from resnet_cifar.inference import predict
+
+    return predict(cfg)
+
+
+def _export(cfg: Any) -> Any:
+    from resnet_cifar.export import export
+
+    return export(cfg)
+
+
+# Imported lazily inside the tasks so that `--help` answers at once.
+train = command(_train, "train", sweepable=True)
+evaluate = command(_evaluate, "eval")
+predict = command(_predict, "predict")
+export = command(_export, "export")

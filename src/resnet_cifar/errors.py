@@ -24,3 +24,24 @@ class WeightsError(UserError):
 
 class OutputError(UserError):
     """An output (run directory, checkpoint, log) cannot be written."""
+
+
+class MissingExtraError(UserError):
+    """A feature needs an optional dependency group (``pip install 'resnet-cifar[<extra>]'``)."""
+
+
+def require_extra(modules: tuple[str, ...], extra: str, feature: str) -> None:
+    """Raise :class:`MissingExtraError` naming the extra to install if any of ``modules`` is missing."""
+    from importlib.util import find_spec
+
+    def absent(module: str) -> bool:
+        try:
+            return find_spec(module) is None
+        except ImportError:  # a missing parent package (e.g. hydra_plugins)
+            return True
+
+    missing = [m for m in modules if absent(m)]
+    if missing:
+        raise MissingExtraError(
+            f"{feature} needs {', '.join(missing)}, which is not installed: pip install 'resnet-cifar[{extra}]'"
+        )

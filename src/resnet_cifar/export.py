@@ -25,11 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from resnet_cifar.data.datamodule import CIFAR10_MEAN, CIFAR10_STD
-from resnet_cifar.errors import ConfigError, DataError, UserError, WeightsError
+from resnet_cifar.data.preprocess import Preprocess
+from resnet_cifar.errors import ConfigError, DataError, UserError, WeightsError, require_extra
 from resnet_cifar.models.factory import Classifier, build_model
 from resnet_cifar.models.weights import safe_load
 from resnet_cifar.training.module import ImageClassifier
@@ -46,40 +45,24 @@ class ExportCheckError(UserError):
 
 
 class NormalizedClassifier(nn.Module):
-    """A :class:`Classifier` that takes ``[0, 1]`` images and normalises them itself."""
+    """A :class:`Classifier` that takes ``[0, 1]`` images and prepares them itself (:class:`Preprocess`)."""
 
-    def __init__(self, classifier: nn.Module, mean, std, image_size: int = 32) -> None:
+    def __init__(self, classifier: nn.Module, preprocess: Preprocess) -> None:
         super().__init__()
         self.classifier = classifier
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
-        self.image_size = int(image_size)
+        self.preprocess = preprocess
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = (images - self.mean) / self.std
-        if self.image_size != 32:  # as the data module: normalise, then bilinear resize
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
-        return self.classifier(x)
+        return self.classifier(self.preprocess(images))
 
 
-def load_checkpoint(path: str | Path) -> tuple[ImageClassifier, dict[str, Any]]:
-    """The module (eval mode, CPU) and the data settings stored in one of our checkpoints."""
-    ckpt = safe_load(path, "ckpt_path")
-    data_hp = ckpt.get("datamodule_hyper_parameters")
-    if "state_dict" not in ckpt or not isinstance(data_hp, dict):
-        raise WeightsError(f"ckpt_path {path} is not a resnet-cifar training checkpoint (no data settings)")
-    return ImageClassifier.from_checkpoint(path).eval(), dict(data_hp)
-
-
-def metadata(module: ImageClassifier, data_hp: dict[str, Any]) -> dict[str, Any]:
+def metadata(module: ImageClassifier, preprocess: Preprocess) -> dict[str, Any]:
     hp = module.hparams
     return {
         "model": {k: v for k, v in dict(hp.model).items() if k in MODEL_KEYS},
         "num_classes": int(hp.num_classes),
         "class_names": list(hp.class_names or []),
-        "mean": list(data_hp.get("mean", CIFAR10_MEAN)),
-        "std": list(data_hp.get("std", CIFAR10_STD)),
-        "image_size": int(data_hp.get("image_size", 32)),
+        **preprocess.settings(),
     }
 
 
@@ -160,16 +143,13 @@ def check_exports(
 ) -> dict[str, dict[str, float]]:
     """Compare each export's logits with PyTorch's on ``images`` (uint8): max |diff|, argmax agreement.
 
-    The reference is the training code's path: the data module's normalisation of the uint8
-    images, then the classifier, so the check covers the normalisation inside the exports too.
+    The reference is the training code's path: the uint8 images through the model's
+    :class:`Preprocess`, then the classifier; the exports take ``[0, 1]`` floats instead.
     """
-    from resnet_cifar.data.augment import BatchAugment
-
-    meta = metadata(module, {"mean": wrapper.mean.flatten().tolist(), "std": wrapper.std.flatten().tolist()})
-    aug = BatchAugment(meta["mean"], meta["std"], image_size=wrapper.image_size)
+    preprocess = wrapper.preprocess
     x01 = images.float() / 255.0
     with torch.inference_mode():
-        ref = module.model(aug.normalize(images))
+        ref = module.model(preprocess(images))
         outputs = {"pytorch_wrapper": wrapper(x01)}
     if "onnx" in files:
         import onnxruntime as ort
@@ -183,7 +163,7 @@ def check_exports(
     if "safetensors" in files:
         model, _ = load_safetensors_model(files["safetensors"])
         with torch.inference_mode():
-            outputs["safetensors"] = model(aug.normalize(images))
+            outputs["safetensors"] = model(preprocess(images))
     checks = {}
     for name, out in outputs.items():
         diff = float((out - ref).abs().max())
@@ -205,9 +185,12 @@ def export(cfg: Any) -> dict[str, Any]:
     unknown = [f for f in formats if f not in FORMATS]
     if unknown or not formats:
         raise ConfigError(f"formats={formats} must be a non-empty subset of {list(FORMATS)}")
-    module, data_hp = load_checkpoint(cfg.ckpt_path)
-    meta = metadata(module, data_hp)
-    wrapper = NormalizedClassifier(module.model, meta["mean"], meta["std"], meta["image_size"]).eval()
+    if "onnx" in formats:
+        require_extra(("onnx", "onnxscript", "onnxruntime"), "export", "formats=[onnx]")
+    module, data_hp = ImageClassifier.load_trained(cfg.ckpt_path)
+    preprocess = Preprocess.from_data_hparams(data_hp)
+    meta = metadata(module, preprocess)
+    wrapper = NormalizedClassifier(module.model, preprocess).eval()
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     example = torch.rand(2, 3, 32, 32)
@@ -224,7 +207,7 @@ def export(cfg: Any) -> dict[str, Any]:
         log.info("wrote %s", path)
     checks = {}
     if int(cfg.check_images) > 0:
-        images = test_images(data_hp, str(cfg.data_root), int(cfg.check_images))
+        images = test_images(data_hp, str(cfg.data.root), int(cfg.check_images))
         checks = check_exports(module, wrapper, files, images, float(cfg.atol))
     summary = {
         "ckpt_path": str(cfg.ckpt_path),

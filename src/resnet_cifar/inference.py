@@ -2,8 +2,8 @@
 
 Images of any size go through the path the model saw in training: the shorter side is
 resized to 32 pixels (antialiased, as CIFAR-10's images were downsampled) and the centre
-32x32 crop is kept; then the checkpoint's own normalisation (mean, std) and, for models
-trained at another ``image_size``, the same bilinear upsampling as the data module.
+32x32 crop is kept; then the checkpoint's own :class:`~resnet_cifar.data.preprocess.Preprocess`
+(normalisation, and the resize to the trained ``image_size``), as in training.
 A 32x32 image is used as is, so a CIFAR-10 image saved as PNG gives the prediction of
 the model on the dataset's tensor.
 """
@@ -21,10 +21,9 @@ from typing import Any
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from resnet_cifar.data.augment import BatchAugment
 from resnet_cifar.data.cifar10 import CLASSES
-from resnet_cifar.errors import ConfigError, UserError, WeightsError
-from resnet_cifar.models.weights import safe_load
+from resnet_cifar.data.preprocess import Preprocess
+from resnet_cifar.errors import ConfigError, UserError
 from resnet_cifar.training.module import ImageClassifier
 
 log = logging.getLogger(__name__)
@@ -39,33 +38,24 @@ class Predictor:
 
     module: ImageClassifier
     class_names: list[str]
-    augmenter: BatchAugment
+    preprocess: Preprocess
     device: torch.device
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "cpu") -> Predictor:
-        ckpt = safe_load(path, "ckpt_path")
-        data_hp = ckpt.get("datamodule_hyper_parameters")
-        if "state_dict" not in ckpt or not isinstance(data_hp, dict):
-            raise WeightsError(f"ckpt_path {path} is not a resnet-cifar training checkpoint (no data settings)")
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(f"device={device} but no CUDA GPU is visible: use device=cpu or device=auto")
         dev = torch.device(device)
-        module = ImageClassifier.from_checkpoint(path, map_location=dev).eval()
+        module, data_hp = ImageClassifier.load_trained(path, map_location=dev)
         names = list(module.hparams.get("class_names") or CLASSES)
-        augmenter = BatchAugment(
-            data_hp.get("mean", (0.4914, 0.4822, 0.4465)),
-            data_hp.get("std", (0.2470, 0.2435, 0.2616)),
-            image_size=int(data_hp.get("image_size", CIFAR_SIZE)),
-        )
-        return cls(module, names, augmenter, dev)
+        return cls(module, names, Preprocess.from_data_hparams(data_hp).to(dev), dev)
 
     @torch.inference_mode()
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
         """Class probabilities of uint8 ``(N, 3, 32, 32)`` images (flip TTA if the model uses it)."""
-        x = self.augmenter.normalize(images.to(self.device))
+        x = self.preprocess(images.to(self.device))
         return self.module.predict_logits(x).float().softmax(-1).cpu()
 
 

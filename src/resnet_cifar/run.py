@@ -98,6 +98,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if ckpt_path:
         check_resume_checkpoint(ckpt_path)
     pl.seed_everything(cfg.seed, workers=True)
+    log.info(
+        "model=%s stage=%s: inputs %dx%d normalised with mean %s std %s; lr %s (backbone x%s)",
+        cfg.model.name, cfg.stage.name, cfg.data.image_size, cfg.data.image_size,
+        list(cfg.data.mean), list(cfg.data.std), cfg.optimizer.lr, cfg.stage.backbone_lr_ratio,
+    )  # fmt: skip
 
     datamodule = build_datamodule(cfg.data)
     module = ImageClassifier(
@@ -167,14 +172,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Test a checkpoint on the official test set with the data settings it was trained with."""
     if not cfg.get("ckpt_path"):
         raise ConfigError("ckpt_path is required: python eval.py ckpt_path=<path to .ckpt>")
-    ckpt = safe_load(cfg.ckpt_path, "ckpt_path")
-    data_hp = ckpt.get("datamodule_hyper_parameters")
-    if "state_dict" not in ckpt or data_hp is None:
-        raise WeightsError(f"ckpt_path {cfg.ckpt_path} is not a resnet-cifar training checkpoint")
-    data_kwargs = {**data_hp, "root": cfg.data_root, "eval_batch_size": cfg.eval_batch_size}
-    datamodule = build_datamodule(data_kwargs)
     overrides = {} if cfg.get("tta_flip") is None else {"tta_flip": cfg.tta_flip}
-    module = ImageClassifier.from_checkpoint(cfg.ckpt_path, **overrides)
+    module, data_hp = ImageClassifier.load_trained(cfg.ckpt_path, **overrides)
+    datamodule = build_datamodule({**data_hp, **to_dict(cfg.data)})
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, logger=False)
     results = trainer.test(module, datamodule=datamodule)
     metrics = {**_floats(results[0]), "ckpt_path": str(cfg.ckpt_path)}

@@ -5,8 +5,8 @@ Randomness is counter-based: each image's crop offset, flip and cutout box are a
 batch it lands in, the device, the number of processes, or where a run was resumed:
 the same seed gives the same augmented images, always.
 
-Crop and flip are fused into one gather over the zero-padded batch; the uint8 -> float
-conversion and the per-channel normalisation are fused into one multiply-add.
+Crop and flip are fused into one gather over the zero-padded batch; the conversion to the
+model's input is :class:`~resnet_cifar.data.preprocess.Preprocess`, shared with every other path.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from resnet_cifar.data.preprocess import Preprocess
 
 _MASK32 = 0xFFFFFFFF
 
@@ -47,7 +49,7 @@ class BatchAugment:
         flip: random horizontal flip with probability 1/2.
         cutout: side of a square zeroed (after normalisation, i.e. set to the mean) at a
             random centre, as in DeVries & Taylor 2017; 0 disables it.
-        image_size: output side; images are resized bilinearly when it differs from H.
+        image_size: output side; images are resized (see :class:`Preprocess`) when it differs from H.
         seed: seed of the counter-based random draws.
     """
 
@@ -61,8 +63,7 @@ class BatchAugment:
         image_size: int = 32,
         seed: int = 0,
     ) -> None:
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        self.preprocess = Preprocess(mean, std, image_size)
         self.crop_padding = crop_padding
         self.flip = flip
         self.cutout = cutout
@@ -70,13 +71,8 @@ class BatchAugment:
         self.seed = seed
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 -> float32, scaled to [0, 1] and normalised, in one fused pass."""
-        scale = (1.0 / (255.0 * self.std)).to(images.device)
-        shift = (self.mean / self.std).to(images.device)
-        x = torch.addcmul(-shift, images.float(), scale)
-        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
-        return x
+        """uint8 -> the model's input (scaled, resized, normalised): :class:`Preprocess`."""
+        return self.preprocess(images)
 
     def crop_flip(self, images: torch.Tensor, index: torch.Tensor, epoch: int) -> torch.Tensor:
         """Per-image random crop (with zero padding) and horizontal flip, as one gather."""

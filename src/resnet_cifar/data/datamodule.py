@@ -240,9 +240,8 @@ class CIFAR10DataModule(pl.LightningDataModule):
     def _per_sample_transforms(self):
         from torchvision.transforms import v2
 
-        hp, a = self.hparams, self.augment_cfg
-        size = [v2.Resize(hp.image_size, antialias=True)] if hp.image_size != 32 else []
-        finish = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(hp.mean), list(hp.std))]
+        a = self.augment_cfg
+        finish = [self.augmenter.preprocess]  # the same resize and normalisation as the tensor loader
         train = []
         if a["crop_padding"]:
             train.append(v2.RandomCrop(32, padding=a["crop_padding"]))
@@ -253,13 +252,13 @@ class CIFAR10DataModule(pl.LightningDataModule):
         if a["color_jitter"]:
             cj = a["color_jitter"]
             train.append(v2.ColorJitter(brightness=cj, contrast=cj, saturation=cj))
-        train += size + finish
+        train += finish
         if a["cutout"]:
             area = (a["cutout"] / 32) ** 2
             train.append(v2.RandomErasing(p=1.0, scale=(area, area), ratio=(1.0, 1.0)))
         if a["random_erasing"]:
             train.append(v2.RandomErasing(p=a["random_erasing"]))
-        return v2.Compose(train), v2.Compose(size + finish)
+        return v2.Compose(train), v2.Compose(finish)
 
     # ----------------------------------------------------------- dataloaders
     def _loader(self, split: str) -> DataLoader:

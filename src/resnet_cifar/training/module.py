@@ -192,16 +192,21 @@ class ImageClassifier(pl.LightningModule):
 
     # ------------------------------------------------------------ loading
     @classmethod
-    def from_checkpoint(
+    def load_trained(
         cls, path: str | Path, map_location: str | torch.device = "cpu", **overrides
-    ) -> ImageClassifier:
-        """Load one of our checkpoints safely (``weights_only``), without re-fetching weights."""
+    ) -> tuple[ImageClassifier, dict[str, Any]]:
+        """The one loader of our training checkpoints, for eval, predict and export.
+
+        Reads the file once, safely (``weights_only``), without re-fetching pretrained weights;
+        returns the module in eval mode and the data settings it was trained with.
+        """
         ckpt = safe_load(path, "ckpt_path")
-        if "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
+        data_hp = ckpt.get("datamodule_hyper_parameters")
+        if "state_dict" not in ckpt or "hyper_parameters" not in ckpt or not isinstance(data_hp, dict):
             raise WeightsError(
-                f"ckpt_path {path} is not a resnet-cifar training checkpoint (no state_dict/hyper_parameters)"
+                f"ckpt_path {path} is not a resnet-cifar training checkpoint (no state_dict, hyper_parameters "
+                "or data settings)"
             )
-        hp = {**ckpt["hyper_parameters"], **overrides}
-        module = cls(**hp, load_weights=False)
+        module = cls(**{**ckpt["hyper_parameters"], **overrides}, load_weights=False)
         module.load_state_dict(ckpt["state_dict"])
-        return module.to(map_location)
+        return module.to(map_location).eval(), dict(data_hp)

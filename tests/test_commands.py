@@ -1,0 +1,127 @@
+"""The console commands: installed from a wheel-like `pip install .`, run from any directory,
+with the configs shipped in the package; the preflight checks of the one runner."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO, run_script, synthetic_overrides
+
+from resnet_cifar import cli
+from resnet_cifar.errors import MissingExtraError, require_extra
+
+COMMANDS = ("resnet-cifar-train", "resnet-cifar-eval", "resnet-cifar-predict", "resnet-cifar-export")
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory) -> Path:
+    """A venv with the project installed by a regular (not editable) `pip install .`.
+
+    The venv sees this machine's packages (torch etc.); the project itself is built from a copy
+    of the checkout, so that nothing of the source tree can be found at run time.
+    """
+    tmp = tmp_path_factory.mktemp("install")
+    src = tmp / "src_copy"
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".git", "logs", "data", "*.egg-info", "__pycache__"))
+    venv = tmp / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation"]
+    proc = subprocess.run([*pip, str(src)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    shutil.rmtree(src)  # the installed package must not depend on the checkout it came from
+    return venv / "bin"
+
+
+def _run_installed(bin_dir: Path, command: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RESNET_CIFAR_LOGS")}
+    return subprocess.run(
+        [str(bin_dir / command), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_each_installed_command_answers_help(installed, tmp_path):
+    keys = ("optimizer:", "ckpt_path:", "ckpt_path:", "ckpt_path:")
+    for command, task, key in zip(COMMANDS, ("train", "eval", "predict", "export"), keys):
+        proc = _run_installed(installed, command, "--help", cwd=tmp_path)
+        assert proc.returncode == 0, (command, proc.stderr[-2000:])
+        assert f"{task} is powered by Hydra" in proc.stdout and key in proc.stdout, proc.stdout[:500]
+
+
+def test_installed_train_runs_from_an_empty_directory(installed, synthetic_root, tmp_path):
+    proc = _run_installed(
+        installed,
+        "resnet-cifar-train",
+        *synthetic_overrides(synthetic_root),
+        "++trainer.max_epochs=1",
+        "++trainer.limit_train_batches=3",
+        "run_name=pip",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp_path / "logs" / "train" / "runs" / "pip"
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    config = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
+    assert config["model"]["name"] == "resnet20"  # composed from the configs inside the installed package
+    where = subprocess.run(
+        [str(installed / "python"), "-c", "import resnet_cifar; print(resnet_cifar.CONFIG_DIR)"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+    )
+    assert str(installed.parent) in where.stdout, where.stdout  # not the checkout's package
+
+
+def test_finetune_composes_the_weights_preprocessing_and_lr(tmp_path):
+    proc = run_script("train.py", "model=resnet18", "stage=finetune", "--cfg", "job", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    cfg = yaml.safe_load(proc.stdout)
+    assert cfg["data"]["mean"] == [0.485, 0.456, 0.406] and cfg["data"]["std"] == [0.229, 0.224, 0.225]
+    assert cfg["data"]["image_size"] > 32
+    assert cfg["optimizer"]["lr"] == 0.01 and cfg["stage"]["backbone_lr_ratio"] == 0.1
+    # From scratch, and for the CIFAR ResNets, CIFAR-10's own statistics and 32x32 stay.
+    for args in (["model=resnet18"], ["model=resnet20", "stage=finetune"]):
+        cfg = yaml.safe_load(run_script("train.py", *args, "--cfg", "job", cwd=tmp_path).stdout)
+        assert cfg["data"]["mean"] == [0.4914, 0.4822, 0.4465] and cfg["data"]["image_size"] == 32
+        assert cfg["optimizer"]["lr"] == 0.1
+    # What the user gives wins over what the weights suggest.
+    args = ["model=resnet18", "stage=finetune", "data.image_size=32", "optimizer.lr=0.003"]
+    cfg = yaml.safe_load(run_script("train.py", *args, "--cfg", "job", cwd=tmp_path).stdout)
+    assert cfg["data"]["image_size"] == 32 and cfg["optimizer"]["lr"] == 0.003
+
+
+def test_a_choice_that_needs_a_missing_extra_names_it(monkeypatch):
+    with pytest.raises(MissingExtraError, match=r"pip install 'resnet-cifar\[search\]'"):
+        require_extra(("optuna", "no_such_module_for_this_test"), "search", "hparams_search=optuna")
+    require_extra(("json",), "search", "anything")  # present: no error
+    monkeypatch.setattr(cli, "EXTRAS", (("hydra/launcher=", ("no_such_module_for_this_test",), "cluster"),))
+    message = cli.preflight(["hydra/launcher=slurm", "model=resnet20"])
+    assert message and "resnet-cifar[cluster]" in message and "hydra/launcher=slurm" in message
+    assert cli.preflight(["model=resnet20"]) is None
+
+
+def test_a_missing_extra_through_the_command_is_one_line(tmp_path):
+    """export to ONNX without onnx installed: simulated by hiding the module from the import system."""
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text(
+        "import sys\nclass _Hide:\n    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'onnxruntime':\n            raise ModuleNotFoundError(name)\n"
+        "sys.meta_path.insert(0, _Hide())\n"
+    )
+    env_path = f"{hide}{os.pathsep}{REPO / 'src'}"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "export.py"), f"ckpt_path={tmp_path / 'x.ckpt'}", f"hydra.run.dir={tmp_path}/o"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": env_path},
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "pip install 'resnet-cifar[export]'" in proc.stderr and "Traceback" not in proc.stderr
