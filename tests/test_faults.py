@@ -234,12 +234,12 @@ def test_write_metrics_on_a_full_disk_keeps_the_old_file(tmp_path, monkeypatch):
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(Path, "write_text", full)
-    with pytest.raises(OutputError, match="No space left on device"):
+    monkeypatch.setattr(os, "fsync", full)  # the data reach the disk at fsync: it is full
+    with pytest.raises(OutputError, match=r"cannot write metrics .*metrics.json: the disk is full"):
         write_metrics(path, {"test/acc": 0.9})
     monkeypatch.undo()
     assert path.read_text() == before
-    assert not list(tmp_path.glob("*.tmp"))
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # no temporary file left
 
 
 # ----------------------------------------------- the catalogue, through train.py

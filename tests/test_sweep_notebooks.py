@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, run_script, synthetic_overrides
 
-from resnet_cifar.sweep_summary import load_runs, summarize
+from resnet_cifar.sweeps import load_runs, summarize
 
 LRS = ("0.02", "0.2")
 
@@ -46,7 +46,7 @@ def test_multirun_writes_sorted_summary(sweep_dir):
     assert (sweep_dir / "summary.png").read_bytes()[:4] == b"\x89PNG"
     rows = list(csv.DictReader((sweep_dir / "summary.csv").read_text().splitlines()))
     assert sorted(r["optimizer.lr"] for r in rows) == sorted(LRS)
-    assert [r["status"] for r in rows] == ["ok", "ok"]
+    assert [r["status"] for r in rows] == ["completed", "completed"]
     for r in rows:  # the table holds each job's own final metrics
         metrics = json.loads((sweep_dir / r["job"] / "metrics.json").read_text())
         assert float(r["val/acc_best"]) == pytest.approx(metrics["val/acc_best"])
@@ -64,22 +64,22 @@ def test_summary_marks_failed_jobs(sweep_dir, tmp_path):
     crashed.mkdir(parents=True)
     (crashed / "overrides.yaml").write_text("- optimizer.lr=1.0\n")
     res = subprocess.run(
-        [sys.executable, "-m", "resnet_cifar.sweep_summary", str(copy)],
+        [sys.executable, "-m", "resnet_cifar.sweeps", str(copy)],
         capture_output=True,
         text=True,
         env={**os.environ, "PYTHONPATH": str(REPO / "src")},
     )
     assert res.returncode == 0, res.stderr
     rows = list(csv.DictReader((copy / "summary.csv").read_text().splitlines()))
-    assert [r["status"] for r in rows] == ["ok", "ok", "failed"]
+    assert [r["status"] for r in rows] == ["completed", "completed", "unknown"]  # no status.json
     assert rows[-1]["optimizer.lr"] == "1.0" and rows[-1]["val/acc_best"] == ""
-    assert "| 2 | failed | 1.0 |" in res.stdout
-    assert [r["job"] for r in summarize(copy)][-1] == "2"
+    assert "| 2 | unknown | 1.0 |" in res.stdout
+    assert summarize(copy)["failed"] == ["2"]
 
 
 def test_summary_cli_error_on_missing_dir(tmp_path):
     res = subprocess.run(
-        [sys.executable, "-m", "resnet_cifar.sweep_summary", str(tmp_path / "nope")],
+        [sys.executable, "-m", "resnet_cifar.sweeps", str(tmp_path / "nope")],
         capture_output=True,
         text=True,
         env={**os.environ, "PYTHONPATH": str(REPO / "src")},

@@ -7,8 +7,8 @@ directory (:func:`preflight`), then :func:`run_task`, which turns user errors in
 stderr and a non-zero exit, records every outcome in ``status.json`` and handles SIGTERM.
 
 In a Hydra multirun a failing job must not end the sweep: the failure is recorded in the
-job's ``status.json`` (see :mod:`resnet_cifar.sweep`) and the job returns ``failed_value``;
-the sweep exits non-zero at its end (``SweepStatus``).
+job's ``status.json`` (see :mod:`resnet_cifar.sweeps`) and the job returns ``failed_value``;
+the sweep exits non-zero at its end (``SweepReport``).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from omegaconf.errors import OmegaConfBaseException
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from resnet_cifar.errors import UserError, require_extra
-from resnet_cifar.sweep import failed_objective, in_multirun, write_status
+from resnet_cifar.sweeps import failed_objective, in_multirun, write_status
 
 log = logging.getLogger("resnet_cifar")
 EXIT_USER_ERROR = 2
@@ -142,7 +142,7 @@ def command(task: Callable[[Any], Any], config_name: str, sweepable: bool = Fals
     """A console command: :func:`preflight`, then the Hydra app ``config_name`` running ``task``.
 
     ``sweepable``: in a multirun a failed job returns the sweeper's worst value
-    (:func:`~resnet_cifar.sweep.failed_objective`) instead of stopping the other jobs.
+    (:func:`~resnet_cifar.sweeps.failed_objective`) instead of stopping the other jobs.
     """
 
     @hydra.main(version_base="1.3", config_path="conf", config_name=config_name)

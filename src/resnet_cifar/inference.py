@@ -11,9 +11,7 @@ the model on the dataset's tensor.
 from __future__ import annotations
 
 import csv
-import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ from typing import Any
 import torch
 from torchvision.transforms.v2 import functional as TF
 
+from resnet_cifar.atomic import atomic_write, write_json
 from resnet_cifar.data.cifar10 import CLASSES
 from resnet_cifar.data.preprocess import Preprocess
 from resnet_cifar.errors import ConfigError, UserError
@@ -144,8 +143,6 @@ def write_predictions(result: PredictResult, path: str | Path) -> Path:
     path = Path(path)
     if path.suffix.lower() not in OUTPUT_FORMATS:
         raise ConfigError(f"output={path} must end in {' or '.join(OUTPUT_FORMATS)}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     if path.suffix.lower() == ".json":
         doc = {
             "predictions": [
@@ -154,15 +151,14 @@ def write_predictions(result: PredictResult, path: str | Path) -> Path:
             ],
             "skipped": [{"file": f, "reason": r} for f, r in result.skipped],
         }
-        tmp.write_text(json.dumps(doc, indent=2) + "\n")
+        write_json(path, doc, "predictions")
     else:
         k = max((len(p.classes) for p in result.predictions), default=0)
-        with open(tmp, "w", newline="") as fh:
+        with atomic_write(path, "w", "predictions") as fh:
             w = csv.writer(fh)
             w.writerow(["file", *[h for r in range(1, k + 1) for h in (f"class_{r}", f"prob_{r}")]])
             for p in result.predictions:
                 w.writerow([p.file, *[v for c, q in zip(p.classes, p.probabilities) for v in (c, f"{q:.6f}")]])
-    os.replace(tmp, path)
     return path
 
 

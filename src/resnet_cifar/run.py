@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +13,13 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from resnet_cifar.atomic import write_json
 from resnet_cifar.config import to_dict, validate_train_config
 from resnet_cifar.data.datamodule import CIFAR10DataModule
-from resnet_cifar.errors import ConfigError, OutputError, WeightsError
+from resnet_cifar.errors import ConfigError, WeightsError
 from resnet_cifar.evaluation.report import run_report
 from resnet_cifar.models.weights import safe_load
-from resnet_cifar.sweep import in_multirun
+from resnet_cifar.sweeps import in_multirun
 from resnet_cifar.training.checkpointing import resolve_ckpt_path
 from resnet_cifar.training.module import ImageClassifier
 
@@ -74,15 +74,7 @@ def check_resume_checkpoint(path: str) -> None:
 
 
 def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
-    """Write JSON atomically: a crash mid-write never leaves a half file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
+    write_json(path, metrics, "metrics")
 
 
 def _floats(d: dict[str, Any]) -> dict[str, float]:

@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import random
@@ -30,6 +29,7 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import Checkpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from resnet_cifar.atomic import atomic_write
 from resnet_cifar.errors import OutputError
 
 log = logging.getLogger(__name__)
@@ -37,40 +37,11 @@ log = logging.getLogger(__name__)
 LAST = "last.ckpt"
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # not supported everywhere (e.g. Windows): the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to ``path`` via a temporary file in the same directory and ``os.replace``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        reason = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else e.strerror or type(e).__name__
-        raise OutputError(
-            f"cannot write checkpoint {path}: {reason}; checkpoints written before are intact "
-            f"(free space or fix permissions, then resume with ckpt_path=last)"
-        ) from None
-    _fsync_dir(path.parent)
-    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a process killed mid-write
-        stale.unlink(missing_ok=True)
+    """``torch.save`` to ``path`` whole or not at all (:func:`~resnet_cifar.atomic.atomic_write`)."""
+    hint = "; checkpoints written before are intact (free space or fix permissions, then resume with ckpt_path=last)"
+    with atomic_write(path, "wb", "checkpoint", hint) as f:
+        torch.save(obj, f)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

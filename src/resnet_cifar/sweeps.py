@@ -1,0 +1,345 @@
+"""Sweeps that survive failures, and their report: the one module for job status and summaries.
+
+Every job of a Hydra run or multirun leaves ``status.json`` in its directory (rank zero
+only): ``completed``, ``failed`` (with ``error`` and ``error_type``) or ``terminated``
+(SIGTERM), with the job's overrides; a job directory without one is ``unknown`` (killed
+before it could write, or still running). In a multirun a failing job is recorded and
+returns :func:`failed_objective` instead of raising, so the other jobs (and an Optuna
+search) go on. At the end, :class:`SweepReport` runs :func:`summarize`: ``summary.csv``,
+``summary.md`` and ``summary.png`` (one row per job: status, the overrides that vary, the
+final metrics, sorted by the optimised metric) and ``sweep_status.json``; it exits with
+status 1 if any job did not complete. The same report by hand::
+
+    python -m resnet_cifar.sweeps logs/train/multiruns/<date> [--metric val/acc_best --mode max]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from resnet_cifar.atomic import write_json
+
+log = logging.getLogger(__name__)
+
+STATUS_FILE = "status.json"
+SUMMARY_FILE = "sweep_status.json"
+EXIT_JOBS_FAILED = 1
+COMPLETED = "completed"
+UNKNOWN = "unknown"  # no status.json: killed before it could write one, or still running
+DEFAULT_METRIC = "val/acc_best"
+FALLBACK_METRICS = ("val/acc_best", "test/acc", "test/top1")
+TABLE_METRICS = ("val/acc_best", "val/acc", "val/loss", "train/loss", "test/acc", "test/top5", "test/ece", "epochs")
+
+
+def in_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _is_rank_zero() -> bool:
+    from lightning_fabric.utilities.rank_zero import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
+def write_status(status: str, error: BaseException | None = None, message: str | None = None) -> Path | None:
+    """Write this Hydra job's ``status.json`` (rank zero only); ``None`` outside Hydra."""
+    if not HydraConfig.initialized() or not _is_rank_zero():
+        return None
+    hc = HydraConfig.get()
+    data: dict[str, Any] = {"status": status, "overrides": list(hc.overrides.task)}
+    if hc.mode == RunMode.MULTIRUN:
+        data["job"] = hc.job.num
+    if error is not None:
+        data["error_type"] = type(error).__name__
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        data["error"] = message or first_line
+    path = Path(hc.runtime.output_dir) / STATUS_FILE
+    write_json(path, data)
+    return path
+
+
+def failed_objective() -> float:
+    """What a failed job returns to the sweeper: the worst value for its direction.
+
+    Optuna rejects NaN (hydra-optuna-sweeper then aborts the search), so a failed trial is told
+    ``-inf`` when maximising (``+inf`` when minimising): the search goes on and never picks it.
+    """
+    direction = OmegaConf.select(HydraConfig.get(), "sweeper.direction", default="maximize")
+    return math.inf if "min" in str(direction).lower() else -math.inf
+
+
+def _job_dirs(sweep_dir: Path) -> list[Path]:
+    marks = (".hydra", STATUS_FILE, "metrics.json")
+    dirs = [d for d in sweep_dir.iterdir() if d.is_dir() and any((d / m).exists() for m in marks)]
+    return sorted(dirs, key=lambda d: (0, int(d.name)) if d.name.isdigit() else (1, d.name))
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def load_runs(sweep_dir: str | Path) -> list[dict[str, Any]]:
+    """One dict per job directory, in job order: ``job``, ``dir``, ``status`` (of its ``status.json``,
+    else ``unknown``), ``error``/``error_type`` when it failed, ``overrides`` (key -> value) and
+    ``metrics`` (the numbers of its ``metrics.json``)."""
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise FileNotFoundError(f"sweep directory {sweep_dir} does not exist")
+    runs = []
+    for d in _job_dirs(sweep_dir):
+        status = _read_json(d / STATUS_FILE) or {}
+        items: list[Any] = status.get("overrides", [])
+        ov_file = d / ".hydra" / "overrides.yaml"
+        if ov_file.is_file():
+            items = yaml.safe_load(ov_file.read_text()) or []
+        overrides = {}
+        for item in items:
+            key, _, value = str(item).partition("=")
+            overrides[key.lstrip("+~")] = _parse_value(value)
+        raw = _read_json(d / "metrics.json") or {}
+        metrics = {k: float(v) for k, v in raw.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        row = {"job": d.name, "dir": str(d), "status": status.get("status", UNKNOWN), "overrides": overrides}
+        row.update({k: status[k] for k in ("error", "error_type") if k in status})
+        runs.append({**row, "metrics": metrics})
+    return runs
+
+
+def varying_keys(runs: list[dict[str, Any]]) -> list[str]:
+    """Override keys whose value differs between jobs (all keys when there is one job)."""
+    keys = sorted({k for r in runs for k in r["overrides"]})
+    if len(runs) < 2:
+        return keys
+    # a key set to one value in every job that has it is not swept (e.g. data.root, absent in a crashed job)
+    return [
+        k for k in keys if len({json.dumps(r["overrides"][k], default=str) for r in runs if k in r["overrides"]}) > 1
+    ]
+
+
+def choose_metric(runs: list[dict[str, Any]], metric: str | None) -> str:
+    present = {k for r in runs for k in r["metrics"]}
+    if metric and metric in present:
+        return metric
+    for m in FALLBACK_METRICS:
+        if m in present:
+            return m
+    return metric or DEFAULT_METRIC
+
+
+def sort_runs(runs: list[dict[str, Any]], metric: str, mode: str = "max") -> list[dict[str, Any]]:
+    """Best first by ``metric``; failed runs and runs without the metric last, by job number."""
+
+    def key(r: dict[str, Any]) -> tuple:
+        v = r["metrics"].get(metric)
+        if v is None or not math.isfinite(v):
+            return (1, 0.0)
+        return (0, -v if mode == "max" else v)
+
+    return sorted(runs, key=key)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float) and v.is_integer() and abs(v) >= 1:
+        return str(int(v))
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) >= 1e-3 or v == 0 else f"{v:.3g}"
+    return "" if v is None else str(v)
+
+
+def write_table(runs: list[dict[str, Any]], metric: str, sweep_dir: Path) -> tuple[Path, Path]:
+    keys = varying_keys(runs)
+    all_metrics = sorted({k for r in runs for k in r["metrics"]})
+    metric_cols = [metric, *[m for m in all_metrics if m != metric]]
+    csv_path, md_path = sweep_dir / "summary.csv", sweep_dir / "summary.md"
+    with open(csv_path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["job", "status", *keys, *metric_cols, "error"])
+        for r in runs:
+            w.writerow(
+                [
+                    r["job"],
+                    r["status"],
+                    *[r["overrides"].get(k) for k in keys],
+                    *[r["metrics"].get(m) for m in metric_cols],
+                    r.get("error", ""),
+                ]
+            )
+    shown = [metric, *[m for m in TABLE_METRICS if m != metric and m in all_metrics]]
+    lines = [
+        f"# Sweep summary: {sweep_dir}",
+        "",
+        f"Sorted by `{metric}`; status from each job's status.json (`unknown`: the job wrote none).",
+        "",
+    ]
+    header = ["job", "status", *keys, *shown, "error"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in runs:
+        cells = [
+            r["job"],
+            r["status"],
+            *[str(r["overrides"].get(k, "")) for k in keys],
+            *[_fmt(r["metrics"].get(m)) for m in shown],
+            f"{r.get('error_type', '')}: {r['error']}" if r.get("error") else "",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    md_path.write_text("\n".join(lines) + "\n")
+    return csv_path, md_path
+
+
+def plot_runs(runs: list[dict[str, Any]], metric: str, path: Path) -> Path:
+    """``metric`` against the one numeric swept value (log axis for wide ranges), else a bar per job."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    keys = varying_keys(runs)
+    ok = [r for r in runs if r["status"] == COMPLETED and metric in r["metrics"]]
+    failed = [r for r in runs if r not in ok]
+    numeric = len(keys) == 1 and all(isinstance(r["overrides"].get(keys[0]), (int, float)) for r in runs)
+    if numeric:
+        k = keys[0]
+        pts = sorted((float(r["overrides"][k]), r["metrics"][metric]) for r in ok)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=metric)
+        xs = [float(r["overrides"][k]) for r in runs]
+        if min(xs) > 0 and max(xs) / min(xs) >= 5:
+            ax.set_xscale("log")
+        ax.set_xticks(sorted(set(xs)), labels=[f"{v:g}" for v in sorted(set(xs))])  # the swept values
+        ax.minorticks_off()
+        for r in failed:
+            ax.axvline(
+                float(r["overrides"][k]), color="tab:red", linestyle=":", label=f"failed: {k}={r['overrides'][k]}"
+            )
+        ax.set_xlabel(k)
+    else:
+        labels = [
+            r["job"] + ("\n" + ", ".join(f"{k}={r['overrides'].get(k)}" for k in keys) if keys else "") for r in runs
+        ]
+        values = [r["metrics"].get(metric, 0.0) if r in ok else 0.0 for r in runs]
+        colours = ["tab:blue" if r in ok else "tab:red" for r in runs]
+        ax.bar(range(len(runs)), values, color=colours)
+        ax.set_xticks(range(len(runs)), labels=labels, fontsize=7, rotation=30, ha="right")
+        for i, r in enumerate(runs):
+            if r not in ok:
+                ax.text(i, 0, "failed", ha="center", va="bottom", color="tab:red", fontsize=8)
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} of {len(ok)} runs" + (f" ({len(failed)} failed)" if failed else ""))
+    ax.grid(True, alpha=0.3)
+    if numeric and (ok or failed):
+        ax.legend(fontsize=8)
+    fig.savefig(path, bbox_inches="tight")
+    return path
+
+
+def summarize(sweep_dir: str | Path, metric: str | None = DEFAULT_METRIC, mode: str = "max") -> dict[str, Any]:
+    """Write the sweep's report into ``sweep_dir``: ``summary.csv``, ``summary.md``, ``summary.png``
+    (jobs sorted by ``metric``) and ``sweep_status.json`` (jobs in job order); return the latter."""
+    if mode not in ("max", "min"):
+        raise ValueError(f"mode={mode!r} must be 'max' or 'min'")
+    sweep_dir = Path(sweep_dir)
+    runs = load_runs(sweep_dir)
+    if not runs:
+        raise FileNotFoundError(f"no job directories (with .hydra/, status.json or metrics.json) in {sweep_dir}")
+    metric = choose_metric(runs, metric)
+    ranked = sort_runs(runs, metric, mode)
+    write_table(ranked, metric, sweep_dir)
+    try:
+        plot_runs(ranked, metric, sweep_dir / "summary.png")
+    except Exception as e:  # a figure problem must not hide the table and the statuses
+        log.warning("could not plot the sweep in %s: %s", sweep_dir, e)
+    failed = [r["job"] for r in runs if r["status"] != COMPLETED]
+    jobs = [{k: v for k, v in r.items() if k != "metrics"} | r["metrics"] for r in runs]
+    summary = {"metric": metric, "n_jobs": len(runs), "n_failed": len(failed), "failed": failed, "jobs": jobs}
+    write_json(sweep_dir / SUMMARY_FILE, summary)
+    log.info("Sweep %s: %d jobs, %d did not complete", sweep_dir, len(runs), len(failed))
+    return summary
+
+
+def scalar_curves(run_dir: str | Path, tags: list[str] | None = None) -> dict[str, tuple[list[int], list[float]]]:
+    """Scalar curves ``tag -> (steps, values)`` from a run's TensorBoard events (``<run>/tensorboard``)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    curves: dict[str, tuple[list[int], list[float]]] = {}
+    for events in sorted(Path(run_dir).glob("tensorboard/**/events.out.tfevents.*")):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags().get("scalars", []):
+            if tags is None or tag in tags:
+                steps, values = curves.setdefault(tag, ([], []))
+                for e in acc.Scalars(tag):
+                    steps.append(e.step)
+                    values.append(e.value)
+    return curves
+
+
+class SweepReport(Callback):
+    """Hydra callback: :func:`summarize` the sweep when a multirun ends, and report failed jobs.
+
+    Args:
+        metric: sort and plot by this metric; None: the run's ``optimized_metric``.
+        mode: ``max`` or ``min``.
+        fail_on_error: exit with status 1 after the sweep when any job did not complete (the
+            finished jobs' results are all kept), so scripts and CI notice.
+    """
+
+    def __init__(self, metric: str | None = None, mode: str = "max", fail_on_error: bool = True) -> None:
+        self.metric, self.mode, self.fail_on_error = metric, mode, fail_on_error
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        if not sweep_dir.is_dir():
+            return
+        summary = summarize(sweep_dir, self.metric or config.get("optimized_metric") or DEFAULT_METRIC, self.mode)
+        log.info("\n%s", (sweep_dir / "summary.md").read_text())
+        print(f"Sweep report: {sweep_dir / 'summary.md'} ({summary['n_jobs']} jobs, {summary['n_failed']} failed)")
+        if summary["n_failed"] and self.fail_on_error:
+            message = (
+                f"{summary['n_failed']} of {summary['n_jobs']} jobs failed (jobs {', '.join(summary['failed'])}); "
+                f"the others' results are kept; see {sweep_dir / SUMMARY_FILE}"
+            )
+            print(f"error: {message}", file=sys.stderr, flush=True)
+            sys.exit(EXIT_JOBS_FAILED)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Summarise a Hydra multirun: a table and a plot of its jobs.")
+    parser.add_argument("sweep_dir", help="the multirun directory (holds one subdirectory per job)")
+    parser.add_argument("--metric", default=DEFAULT_METRIC, help="sort and plot by this metric (default %(default)s)")
+    parser.add_argument("--mode", choices=("max", "min"), default="max")
+    args = parser.parse_args(argv)
+    try:
+        summarize(args.sweep_dir, args.metric, args.mode)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(Path(args.sweep_dir, "summary.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
