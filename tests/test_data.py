@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import pickle
+import re
 import urllib.error
 
 import numpy as np
 import pytest
 import torch
+from conftest import compose_cfg
 
+from resnet_cifar.config import validate_train_config
 from resnet_cifar.data import cifar10
 from resnet_cifar.data.datamodule import CIFAR10DataModule
 from resnet_cifar.data.splits import stratified_split
@@ -138,19 +141,20 @@ def test_torchvision_loader_matches_tensor_loader_without_augmentation(synthetic
 
 
 @pytest.mark.parametrize(
-    "kwargs, message",
+    "overrides, message",
     [
-        ({"loader": "dali"}, "data.loader='dali' is unknown"),
-        ({"batch_size": 0}, "data.batch_size=0 must be a positive integer"),
-        ({"val_size": 60000}, "data.val_size=60000"),
-        ({"augment": {"autoaugment": True}}, "needs the per-sample pipeline"),
-        ({"augment": {"rotate": 5}}, "unknown data.augment keys"),
-        ({"classes": [3]}, "data.classes"),
+        (["data.loader=dali"], "data.loader='dali': expected one of tensor, torchvision"),
+        (["data.batch_size=0"], "data.batch_size=0: expected an integer in [1, 65536]"),
+        (["data.val_size=60000"], "data.val_size=60000"),
+        (["data.augment.autoaugment=true"], "needs the per-sample pipeline"),
+        (["+data.augment.rotate=5"], "data.augment.rotate is not a known key"),
+        (["data.classes=[3]"], "data.classes"),
     ],
 )
-def test_bad_data_config(kwargs, message):
-    with pytest.raises(ConfigError, match=message):
-        CIFAR10DataModule(root="unused", **kwargs)
+def test_bad_data_config(overrides, message, tmp_path):
+    """The schema and the cross-field rules catch bad data settings before anything is loaded."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate_train_config(compose_cfg(overrides, tmp_path))
 
 
 def test_real_cifar10_loads_and_validates(real_root):

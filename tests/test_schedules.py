@@ -6,8 +6,10 @@ import math
 
 import pytest
 import torch
+from conftest import compose_cfg
 from pytorch_lightning.callbacks import Timer
 
+from resnet_cifar.config import validate_train_config
 from resnet_cifar.errors import ConfigError
 from resnet_cifar.training.optim import TIME_STEPS, budget_progress, build_scheduler
 
@@ -94,11 +96,15 @@ def test_budget_progress_reads_lightnings_timer_and_its_restored_offset():
     assert progress() == 1.0  # clamped: past the budget the schedule stays at its end
 
 
-def test_time_budget_needs_max_time_and_fractional_warmup():
+def test_time_budget_needs_max_time_and_fractional_warmup(tmp_path):
     with pytest.raises(ConfigError, match="trainer.max_time"):
         budget_progress(_Trainer([]))
+    budget = ["scheduler.progress=time", "trainer.max_time=00:00:10:00", "scheduler.warmup_epochs=1"]
     with pytest.raises(ConfigError, match="no length under a time budget"):
-        _lrs({"name": "cosine", "warmup_epochs": 1, "progress": "time"}, total=10, progress=lambda: 0.0)
+        validate_train_config(compose_cfg(budget, tmp_path))
+    with pytest.raises(ConfigError, match="needs a wall-clock budget"):
+        validate_train_config(compose_cfg(["scheduler.progress=time", "scheduler.warmup_epochs=0"], tmp_path))
+    validate_train_config(compose_cfg([*budget, "scheduler=onecycle"], tmp_path))  # warm-up as pct_start: fine
 
 
 def test_an_unbounded_run_keeps_a_constant_lr_or_says_what_to_set():

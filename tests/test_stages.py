@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import compose_cfg
 
+from resnet_cifar.config import validate_train_config
 from resnet_cifar.data.datamodule import CIFAR10DataModule
 from resnet_cifar.errors import ConfigError
 from resnet_cifar.models import build_model
@@ -111,7 +113,16 @@ def test_schedule_as_a_function_of_the_epoch():
     ft = FreezeSchedule("finetune", pretrained=True, unfreeze_at_epoch=3)
     assert [ft.backbone_trainable(e) for e in range(5)] == [False, False, False, True, True]
     assert not any(FreezeSchedule("linear_probe").backbone_trainable(e) for e in range(3))
-    with pytest.raises(ConfigError, match="stage 'probe' is unknown"):
-        FreezeSchedule("probe")
-    with pytest.raises(ConfigError, match=r"unfreeze_at_epoch=5 must be < trainer.max_epochs=5"):
-        ft.__class__("finetune", unfreeze_at_epoch=5).check_epochs(5)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["stage.name=probe"], r"stage.name='probe': expected one of scratch, linear_probe, finetune"),
+        (["stage=finetune", "stage.unfreeze_at_epoch=5", "trainer.max_epochs=5"], r"unfreeze_at_epoch=5 must be <"),
+        (["stage=finetune", "model=resnet20"], r"stage=finetune starts from pretrained weights but resnet20 has none"),
+    ],
+)
+def test_bad_stage_settings_are_refused_before_a_run(overrides, match, tmp_path):
+    with pytest.raises(ConfigError, match=match):
+        validate_train_config(compose_cfg(overrides, tmp_path))

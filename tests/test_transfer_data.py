@@ -6,7 +6,9 @@ from collections import Counter
 
 import pytest
 import torch
+from conftest import compose_cfg
 
+from resnet_cifar.config import validate_train_config
 from resnet_cifar.data import cifar10
 from resnet_cifar.data.datamodule import CIFAR10DataModule
 from resnet_cifar.data.splits import per_class_budget, select_classes
@@ -96,14 +98,14 @@ def test_per_class_budget_function():
 
 
 @pytest.mark.parametrize(
-    ("kw", "match"),
+    ("overrides", "match"),
     [
-        ({"classes": [3]}, "data.classes"),
-        ({"classes": [1, 1]}, "data.classes"),
-        ({"classes": [0, 10]}, "data.classes"),
-        ({"train_per_class": 0}, "data.train_per_class"),
+        (["data.classes=[3]"], "data.classes"),
+        (["data.classes=[1,1]"], "data.classes"),
+        (["data.classes=[0,10]"], "data.classes"),
+        (["data.train_per_class=0"], "data.train_per_class"),
     ],
 )
-def test_bad_subset_options_are_config_errors(kw, match):
+def test_bad_subset_options_are_config_errors(overrides, match, tmp_path):
     with pytest.raises(ConfigError, match=match):
-        CIFAR10DataModule(root="unused", **kw)
+        validate_train_config(compose_cfg(overrides, tmp_path))

@@ -12,10 +12,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from resnet_cifar.errors import ConfigError
-from resnet_cifar.models.factory import CIFAR_MODELS, MODELS
+from resnet_cifar.models.factory import CIFAR_MODELS
 from resnet_cifar.schema import check_schema
-from resnet_cifar.stages import FreezeSchedule
-from resnet_cifar.training.optim import NEEDS_MAX_TIME, check_optimizer, check_scheduler
+from resnet_cifar.training.optim import NEEDS_MAX_TIME
 
 
 def to_dict(cfg: DictConfig | dict | None) -> dict[str, Any]:
@@ -27,40 +26,11 @@ def to_dict(cfg: DictConfig | dict | None) -> dict[str, Any]:
     return dict(cfg)
 
 
-def _positive_int(key: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(f"{key}={value!r} must be a positive integer")
-
-
 def validate_train_config(cfg: DictConfig) -> None:
-    """Fail fast on values that would otherwise fail minutes later (or silently)."""
-    check_schema(to_dict(cfg))  # unknown keys, types, ranges (resnet_cifar.schema)
+    """Fail fast, before anything is loaded: single values (the schema), then rules between values."""
+    check_schema(to_dict(cfg))  # unknown keys, names, types, ranges (resnet_cifar.schema)
     check_combinations(cfg)
-    model = to_dict(cfg.model)
-    name = model.get("name")
-    if name not in MODELS:
-        raise ConfigError(f"model.name={name!r} is unknown; choose one of {', '.join(MODELS)}")
-    schedule = FreezeSchedule(**to_dict(cfg.stage))
-    check_optimizer(to_dict(cfg.optimizer))
-    check_scheduler(to_dict(cfg.scheduler))
-    max_epochs = cfg.trainer.get("max_epochs")
-    if max_epochs is not None and max_epochs != -1:
-        _positive_int("trainer.max_epochs", max_epochs)
-    schedule.check_epochs(max_epochs)
-    has_weights = bool(model.get("pretrained")) or bool(model.get("weights_path"))
-    if schedule.pretrained and not has_weights:
-        hint = (
-            "set model.weights_path=<checkpoint or state dict>"
-            if name in CIFAR_MODELS
-            else "set model.pretrained=true (ImageNet weights) or model.weights_path=<file>"
-        )
-        raise ConfigError(f"stage={schedule.name} starts from pretrained weights but {name} has none: {hint}")
-    ls = cfg.get("label_smoothing", 0.0)
-    if not isinstance(ls, (int, float)) or not 0 <= ls < 1:
-        raise ConfigError(f"label_smoothing={ls!r} must be in [0, 1)")
-    data = cfg.data
-    _positive_int("data.batch_size", data.batch_size)
-    _positive_int("data.eval_batch_size", data.eval_batch_size)
+    model = cfg.model
     for key in ("weights_path",):
         path = model.get(key)
         if path and not Path(path).expanduser().is_file():
@@ -71,18 +41,40 @@ def validate_train_config(cfg: DictConfig) -> None:
 
 
 def check_combinations(cfg: DictConfig) -> None:
-    """Values that are fine alone but not together."""
-    data = cfg.data
+    """Values that are fine alone but not together (the one owner of cross-field rules)."""
+    data, model, stage, sched = cfg.data, cfg.model, cfg.stage, cfg.scheduler
     max_epochs = cfg.trainer.get("max_epochs")
-    warmup = cfg.scheduler.get("warmup_epochs", 0) or 0
+    if stage.name == "finetune" and max_epochs and max_epochs > 0 and stage.unfreeze_at_epoch >= max_epochs:
+        raise ConfigError(
+            f"stage.unfreeze_at_epoch={stage.unfreeze_at_epoch} must be < trainer.max_epochs={max_epochs}, "
+            "or the backbone never trains (use stage=linear_probe for that)"
+        )
+    if stage.pretrained and not (model.get("pretrained") or model.get("weights_path")):
+        hint = (
+            "set model.weights_path=<checkpoint or state dict>"
+            if model.name in CIFAR_MODELS
+            else "set model.pretrained=true (ImageNet weights) or model.weights_path=<file>"
+        )
+        raise ConfigError(f"stage={stage.name} starts from pretrained weights but {model.name} has none: {hint}")
+    if sched.name == "multistep" and not sched.get("milestones"):
+        raise ConfigError("scheduler=multistep needs scheduler.milestones: fractions of training in (0, 1)")
+    if sched.get("progress") == "time" and sched.get("warmup_epochs") and sched.name != "onecycle":
+        raise ConfigError(
+            f"scheduler.warmup_epochs={sched.warmup_epochs} has no length under a time budget "
+            "(scheduler.progress=time): set it to 0, or use scheduler=onecycle (warm-up as pct_start)"
+        )
+    if data.loader == "tensor":
+        extra = [k for k in ("color_jitter", "autoaugment", "random_erasing") if data.augment.get(k)]
+        if extra:
+            raise ConfigError(f"data.augment.{extra[0]} needs the per-sample pipeline: add data.loader=torchvision")
+    warmup = sched.get("warmup_epochs", 0) or 0
     if max_epochs and max_epochs > 0 and warmup > max_epochs:
         raise ConfigError(
             f"scheduler.warmup_epochs={warmup} must be <= trainer.max_epochs={max_epochs} (the warm-up never ends)"
         )
-    if cfg.scheduler.get("progress") == "time" and not cfg.trainer.get("max_time"):
+    if sched.get("progress") == "time" and not cfg.trainer.get("max_time"):
         raise ConfigError(NEEDS_MAX_TIME)
-    model, stage = cfg.model, cfg.stage
-    if stage.get("name") == "linear_probe" and model.get("cifar_stem") and model.get("pretrained"):
+    if stage.name == "linear_probe" and model.get("cifar_stem") and model.get("pretrained"):
         raise ConfigError(
             "stage=linear_probe freezes the backbone, but model.cifar_stem=true replaces its pretrained stem "
             "with a random one that would never train: use stage=finetune, or model.cifar_stem=false"

@@ -19,6 +19,7 @@ from resnet_cifar.data.datamodule import CIFAR10DataModule
 from resnet_cifar.errors import ConfigError, WeightsError
 from resnet_cifar.evaluation.report import run_report
 from resnet_cifar.models.weights import safe_load
+from resnet_cifar.schema import DataSchema, check_against
 from resnet_cifar.sweeps import in_multirun
 from resnet_cifar.training.checkpointing import resolve_ckpt_path
 from resnet_cifar.training.module import ImageClassifier
@@ -164,6 +165,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Test a checkpoint on the official test set with the data settings it was trained with."""
     if not cfg.get("ckpt_path"):
         raise ConfigError("ckpt_path is required: python eval.py ckpt_path=<path to .ckpt>")
+    check_against(DataSchema, to_dict(cfg.data), "data.")  # root, eval_batch_size: the rest is the checkpoint's
     overrides = {} if cfg.get("tta_flip") is None else {"tta_flip": cfg.tta_flip}
     module, data_hp = ImageClassifier.load_trained(cfg.ckpt_path, **overrides)
     datamodule = build_datamodule({**data_hp, **to_dict(cfg.data)})

@@ -1,5 +1,9 @@
 """The typed schema of ``conf/train.yaml``: every key, its type and its allowed range.
 
+The one place where single values are checked (names against the registries of models,
+stages, optimizers, schedulers and loaders; types; ranges); rules between values are in
+:func:`resnet_cifar.config.check_combinations`. Constructors trust what passed both.
+
 :func:`check_schema` walks the composed config against these dataclasses before anything
 is built or loaded, and raises one :class:`~resnet_cifar.errors.ConfigError` line for the
 first problem: an unknown key, a value of the wrong type, or a value out of range, e.g.::
@@ -20,7 +24,11 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Union
 
+from resnet_cifar.data.datamodule import LOADERS
 from resnet_cifar.errors import ConfigError
+from resnet_cifar.models.factory import MODELS
+from resnet_cifar.stages import STAGES
+from resnet_cifar.training.optim import LR_SCALING, OPTIMIZERS, SCHEDULERS
 
 _MISSING = object()
 
@@ -86,7 +94,7 @@ class DataSchema:
     seed: int = f(0, NON_NEGATIVE)
     batch_size: int = f(128, _rng(1, 65_536))
     eval_batch_size: int = f(500, _rng(1, 65_536))
-    loader: str = f("tensor", _choice("tensor", "torchvision"))
+    loader: str = f("tensor", _choice(*LOADERS))
     num_workers: int = f(0, _rng(0, 256))
     pin_memory: bool = f(False)
     on_device: bool = f(False)
@@ -103,7 +111,7 @@ class DataSchema:
 
 @dataclass
 class ModelSchema:
-    name: str = f("resnet20")  # checked against the model registry in config.py
+    name: str = f("resnet20", _choice(*MODELS))
     # CIFAR ResNets
     block: str = f("basic", _choice("basic", "bottleneck"))
     shortcut: str = f("A", _choice("A", "B"))
@@ -119,7 +127,7 @@ class ModelSchema:
 
 @dataclass
 class StageSchema:
-    name: str = f("scratch", _choice("scratch", "linear_probe", "finetune"))
+    name: str = f("scratch", _choice(*STAGES))
     pretrained: bool = f(False)
     unfreeze_at_epoch: int = f(0, _rng(0, 100_000))
     backbone_lr_ratio: float = f(1.0, _rng(0, 10, lo_open=True))
@@ -127,7 +135,7 @@ class StageSchema:
 
 @dataclass
 class OptimizerSchema:
-    name: str = f("sgd", _choice("sgd", "adamw"))
+    name: str = f("sgd", _choice(*OPTIMIZERS))
     lr: float = f(0.1, _rng(0, 10, lo_open=True))
     weight_decay: float = f(0.0, _rng(0, 1))
     no_decay_bn_bias: bool = f(True)
@@ -141,7 +149,7 @@ class OptimizerSchema:
 
 @dataclass
 class SchedulerSchema:
-    name: str = f("cosine", _choice("cosine", "onecycle", "multistep", "none"))
+    name: str = f("cosine", _choice(*SCHEDULERS))
     warmup_epochs: float = f(0.0, _rng(0, 100_000))
     warmup_start: float = f(0.0, FRACTION)
     min_lr_ratio: float = f(0.0, FRACTION)
@@ -160,7 +168,7 @@ class ModuleSchema:
     channels_last: bool = f(False)
     tta_flip: bool = f(False)
     compile: bool = f(False)
-    lr_scaling: str = f("none", _choice("none", "linear", "sqrt"))
+    lr_scaling: str = f("none", _choice(*LR_SCALING))
 
 
 @dataclass

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from resnet_cifar.errors import ConfigError
-
 STAGES = ("scratch", "linear_probe", "finetune")
 
 
@@ -32,14 +30,6 @@ class FreezeSchedule:
     unfreeze_at_epoch: int = 0
     backbone_lr_ratio: float = 1.0
 
-    def __post_init__(self) -> None:
-        if self.name not in STAGES:
-            raise ConfigError(f"stage {self.name!r} is unknown; choose one of {', '.join(STAGES)}")
-        if not isinstance(self.unfreeze_at_epoch, int) or self.unfreeze_at_epoch < 0:
-            raise ConfigError(f"stage.unfreeze_at_epoch={self.unfreeze_at_epoch!r} must be an integer >= 0")
-        if not self.backbone_lr_ratio > 0:
-            raise ConfigError(f"stage.backbone_lr_ratio={self.backbone_lr_ratio!r} must be > 0")
-
     @property
     def backbone_in_optimizer(self) -> bool:
         return self.name != "linear_probe"
@@ -50,11 +40,3 @@ class FreezeSchedule:
         if self.name == "linear_probe":
             return False
         return epoch >= self.unfreeze_at_epoch
-
-    def check_epochs(self, max_epochs: int | None) -> None:
-        """``finetune`` must unfreeze before training ends."""
-        if self.name == "finetune" and max_epochs and max_epochs > 0 and self.unfreeze_at_epoch >= max_epochs:
-            raise ConfigError(
-                f"stage.unfreeze_at_epoch={self.unfreeze_at_epoch} must be < trainer.max_epochs={max_epochs}, "
-                "or the backbone never trains (use stage=linear_probe for that)"
-            )

@@ -27,7 +27,6 @@ from resnet_cifar.data.augment import BatchAugment
 from resnet_cifar.data.loader import ResumableLoader
 from resnet_cifar.data.sharding import eval_sampler
 from resnet_cifar.data.splits import per_class_budget, select_classes, stratified_split
-from resnet_cifar.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -140,11 +139,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
         aug_defaults = dict(
             crop_padding=4, flip=True, cutout=0, color_jitter=0.0, autoaugment=False, random_erasing=0.0
         )
-        unknown = set(augment) - set(aug_defaults)
-        if unknown:
-            raise ConfigError(f"unknown data.augment keys {sorted(unknown)}; known: {sorted(aug_defaults)}")
         self.augment_cfg = {**aug_defaults, **augment}
-        self._validate(loader, batch_size, eval_batch_size, val_size, image_size, classes, train_per_class)
         self.class_names = [cifar10.CLASSES[c] for c in classes] if classes else list(cifar10.CLASSES)
         self.num_classes = len(self.class_names)
         self.augmenter = BatchAugment(
@@ -160,30 +155,6 @@ class CIFAR10DataModule(pl.LightningDataModule):
         self._train_loader: DataLoader | None = None
         self._train_loader_state: dict[str, int] | None = None
 
-    def _validate(self, loader, batch_size, eval_batch_size, val_size, image_size, classes, train_per_class) -> None:
-        a = self.augment_cfg
-        if loader not in LOADERS:
-            raise ConfigError(f"data.loader={loader!r} is unknown; choose one of {', '.join(LOADERS)}")
-        for key, v in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
-            if not isinstance(v, int) or v < 1:
-                raise ConfigError(f"data.{key}={v!r} must be a positive integer")
-        if not isinstance(val_size, int) or not 0 <= val_size < cifar10.TRAIN_SIZE:
-            raise ConfigError(f"data.val_size={val_size!r} must be an integer in [0, {cifar10.TRAIN_SIZE - 1}]")
-        if not isinstance(image_size, int) or image_size < 8:
-            raise ConfigError(f"data.image_size={image_size!r} must be an integer >= 8")
-        if not 0 <= a["crop_padding"] <= 16:
-            raise ConfigError(f"data.augment.crop_padding={a['crop_padding']} must be in [0, 16]")
-        if classes is not None:
-            classes = list(classes)
-            if len(classes) < 2 or len(set(classes)) != len(classes) or not all(0 <= c < 10 for c in classes):
-                raise ConfigError(f"data.classes={classes} must be >= 2 distinct class ids in 0..9")
-        if train_per_class is not None and (not isinstance(train_per_class, int) or train_per_class < 1):
-            raise ConfigError(f"data.train_per_class={train_per_class!r} must be a positive integer or null")
-        if loader == "tensor":
-            extra = [k for k in ("color_jitter", "autoaugment", "random_erasing") if a[k]]
-            if extra:
-                raise ConfigError(f"data.augment.{extra[0]} needs the per-sample pipeline: add data.loader=torchvision")
-
     # ------------------------------------------------------------------ data
     def prepare_data(self) -> None:
         cifar10.ensure_dataset(self.root, self.hparams.download)
@@ -196,8 +167,6 @@ class CIFAR10DataModule(pl.LightningDataModule):
         sizes = (cifar10.TRAIN_SIZE, cifar10.TEST_SIZE) if hp.strict_sizes else (None, None)
         train = cifar10.read_split(folder, cifar10.TRAIN_FILES, sizes[0])
         test = cifar10.read_split(folder, cifar10.TEST_FILES, sizes[1])
-        if hp.val_size >= len(train):
-            raise ConfigError(f"data.val_size={hp.val_size} must be smaller than the {len(train)} training images")
         train_idx, val_idx = stratified_split(train.labels, hp.val_size, hp.split_seed)
         test_idx = torch.arange(len(test))
         train_labels, test_labels = train.labels, test.labels

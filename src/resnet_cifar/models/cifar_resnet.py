@@ -80,10 +80,6 @@ class CifarResNet(nn.Module):
 
     def __init__(self, depth: int, block: str = "basic", shortcut: str = "A", widths=(16, 32, 64)) -> None:
         super().__init__()
-        if block not in ("basic", "bottleneck"):
-            raise ConfigError(f"model.block={block!r} is unknown; choose basic or bottleneck")
-        if shortcut not in ("A", "B"):
-            raise ConfigError(f"model.shortcut={shortcut!r} is unknown; choose A (zero-pad) or B (projection)")
         per_block = 2 if block == "basic" else 3
         if depth < 2 + 3 * per_block or (depth - 2) % (3 * per_block):
             raise ConfigError(

@@ -132,10 +132,6 @@ def build_model(
         backbone, features = _torchvision_backbone(name, cifar_stem)
     else:
         raise ConfigError(f"model {name!r} is unknown; choose one of {', '.join(MODELS)}")
-    if not isinstance(num_classes, int) or num_classes < 2:
-        raise ConfigError(f"num_classes={num_classes!r} must be an integer >= 2")
-    if not 0.0 <= dropout < 1.0:
-        raise ConfigError(f"model.dropout={dropout} must be in [0, 1)")
     model = Classifier(backbone, features, num_classes, dropout)
     reinit = ("conv1.",) if cifar_stem else ()  # the replaced stem starts fresh
     if weights_path:

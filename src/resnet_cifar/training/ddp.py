@@ -1,4 +1,6 @@
-"""Distributed data parallel training: a DDP strategy that knows the freeze schedule, and LR scaling.
+"""Distributed data parallel training: a DDP strategy that knows the freeze schedule.
+
+(How the LR grows with the number of processes is in :mod:`resnet_cifar.training.optim`.)
 
 ``stage=finetune`` runs the backbone under ``no_grad`` while it is frozen, so its parameters
 (which still require gradients: they join the optimizer at the unfreeze epoch) produce no
@@ -13,7 +15,6 @@ re-wraps at the same step, and a resumed run wraps for the epoch it resumes in.
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
 
 from pytorch_lightning.strategies import DDPStrategy
@@ -23,23 +24,6 @@ from torch.nn.parallel import DistributedDataParallel
 from resnet_cifar.errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-LR_SCALING = ("none", "linear", "sqrt")
-
-
-def lr_scale(rule: str, world_size: int) -> float:
-    """Factor applied to ``optimizer.lr`` when ``world_size`` processes each train on ``data.batch_size`` images.
-
-    ``none``: the configured LR is used as is; ``linear``: times ``world_size`` (the global batch
-    grows by that factor; Goyal et al. 2017, with warm-up); ``sqrt``: times ``sqrt(world_size)``.
-    """
-    if rule not in LR_SCALING:
-        raise ConfigError(f"module.lr_scaling={rule!r} is unknown; choose one of {', '.join(LR_SCALING)}")
-    if rule == "linear":
-        return float(world_size)
-    if rule == "sqrt":
-        return math.sqrt(world_size)
-    return 1.0
 
 
 def _in_hydra_multirun() -> bool:

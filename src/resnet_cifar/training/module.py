@@ -16,14 +16,7 @@ from resnet_cifar.models.factory import build_model
 from resnet_cifar.models.weights import safe_load
 from resnet_cifar.stages import FreezeSchedule
 from resnet_cifar.training import metric_state
-from resnet_cifar.training.ddp import lr_scale
-from resnet_cifar.training.optim import (
-    budget_progress,
-    build_optimizer,
-    build_scheduler,
-    check_optimizer,
-    param_groups,
-)
+from resnet_cifar.training.optim import budget_progress, build_optimizer, build_scheduler
 
 
 class ImageClassifier(pl.LightningModule):
@@ -43,7 +36,7 @@ class ImageClassifier(pl.LightningModule):
         compile: run the model through ``torch.compile`` (the compiled wrapper is not a submodule,
             so checkpoints keep the plain ``model.*`` keys).
         lr_scaling: ``none`` | ``linear`` | ``sqrt``: how the learning rates grow with the number
-            of processes (see :func:`~resnet_cifar.training.ddp.lr_scale`).
+            of processes (see :data:`~resnet_cifar.training.optim.LR_SCALING`).
     """
 
     def __init__(
@@ -65,8 +58,6 @@ class ImageClassifier(pl.LightningModule):
         # Logged once, with the whole run config, by the training entry (not by Lightning).
         self.save_hyperparameters(logger=False, ignore=["load_weights"])
         self.schedule = FreezeSchedule(**(stage or {}))
-        check_optimizer(optimizer)
-        lr_scale(lr_scaling, 1)  # an unknown rule fails here, not at the first step
         model_kwargs = dict(model)
         if not load_weights:  # weights come from a checkpoint: build the bare architecture
             model_kwargs.update(pretrained=False, weights_path=None)
@@ -166,17 +157,14 @@ class ImageClassifier(pl.LightningModule):
 
     # ------------------------------------------------------- optimisation
     def configure_optimizers(self) -> dict[str, Any]:
-        opt_cfg = dict(self.hparams.optimizer)
-        opt_cfg["lr"] *= lr_scale(self.hparams.get("lr_scaling", "none"), self.trainer.world_size)
-        groups = param_groups(
+        optimizer = build_optimizer(
+            dict(self.hparams.optimizer),
             self.model,
-            lr=opt_cfg["lr"],
-            weight_decay=opt_cfg.get("weight_decay", 0.0),
             backbone_lr_ratio=self.schedule.backbone_lr_ratio,
             include_backbone=self.schedule.backbone_in_optimizer,
-            no_decay_bn_bias=opt_cfg.get("no_decay_bn_bias", True),
+            world_size=self.trainer.world_size,
+            lr_scaling=self.hparams.get("lr_scaling", "none"),
         )
-        optimizer = build_optimizer(opt_cfg, groups)
         sched_cfg = dict(self.hparams.scheduler)
         by_time = sched_cfg.get("progress", "steps") == "time"
         scheduler = build_scheduler(
