@@ -1,44 +1,17 @@
-"""Shared fixtures: a small synthetic CIFAR-10 in the real on-disk format, the real copy,
-and helpers that compose the Hydra config or run the entry scripts."""
+"""Fixtures: a small synthetic CIFAR-10 in the real on-disk format, the real copy, isolated user caches.
+
+The helpers they use, and that tests import, are in ``helpers.py``.
+"""
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from helpers import N_TEST, N_TRAIN, REAL_DATA, synthetic_split
 
-from resnet_cifar import CONFIG_DIR
-from resnet_cifar.data.cifar10 import Split, write_batches
-
-REPO = Path(__file__).resolve().parents[1]
-CONF = CONFIG_DIR
-# Resolved once against the directory pytest was started from, and exported so that the
-# notebooks and scripts the tests start in other working directories find the same data.
-REAL_DATA = Path(os.environ.get("RESNET_CIFAR_DATA", REPO.parent / "shared" / "data" / "cifar10")).resolve()
-os.environ["RESNET_CIFAR_DATA"] = str(REAL_DATA)
-
-N_TRAIN, N_TEST = 500, 100
-
-
-def synthetic_split(n: int, seed: int) -> Split:
-    """Images whose class is visible (a class-specific colour and bright quadrant) under noise."""
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.arange(n) % 10
-    labels = labels[torch.randperm(n, generator=g)]
-    colours = torch.rand(10, 3, 1, 1, generator=g) * 160 + 40
-    images = colours[labels] + torch.randn(n, 3, 32, 32, generator=g) * 30
-    quad = labels % 4
-    for q in range(4):
-        sel = quad == q
-        r, c = divmod(q, 2)
-        images[sel, :, r * 16 : r * 16 + 16, c * 16 : c * 16 + 16] += 50
-    return Split(images=images.clamp(0, 255).to(torch.uint8), labels=labels)
+from resnet_cifar.data.cifar10 import write_batches
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -70,39 +43,3 @@ def real_root() -> Path:
             pytest.fail(f"the real CIFAR-10 copy is missing at {REAL_DATA} (set RESNET_CIFAR_DATA)")
         pytest.skip(f"real CIFAR-10 not found at {REAL_DATA}")
     return REAL_DATA
-
-
-def synthetic_overrides(root: Path) -> list[str]:
-    """Overrides for a fast run on the synthetic data set."""
-    return [
-        f"data.root={root}",
-        "data.strict_sizes=false",
-        "data.val_size=100",
-        "data.batch_size=50",
-        "data.eval_batch_size=100",
-        "trainer.accelerator=cpu",
-        "trainer.max_epochs=2",
-        "trainer.log_every_n_steps=1",
-        "~callbacks.progress_bar",
-        "~callbacks.model_summary",
-    ]
-
-
-def compose_cfg(overrides: list[str], output_dir: Path, config_name: str = "train") -> DictConfig:
-    """The composed config, with the run directory set (no Hydra runtime needed)."""
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name=config_name, overrides=[*overrides, f"paths.output_dir={output_dir}"])
-
-
-def run_script(script: str, *overrides: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run ``train.py``/``eval.py`` as a user would, with this checkout's package first on the path."""
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "HYDRA_FULL_ERROR": "0"}
-    env.pop("RESNET_CIFAR_LOGS", None)
-    return subprocess.run(
-        [sys.executable, str(REPO / script), *overrides],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, run_script, synthetic_overrides
+from helpers import REPO, run_script, synthetic_overrides
 
 from resnet_cifar import cli
 from resnet_cifar.errors import MissingExtraError, require_extra

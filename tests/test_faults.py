@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, compose_cfg, run_script, synthetic_overrides, synthetic_split
+from helpers import REPO, compose_cfg, run_script, synthetic_overrides, synthetic_split
 from hydra import compose, initialize_config_dir
 
 from resnet_cifar import CONFIG_DIR

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from conftest import compose_cfg
+from helpers import compose_cfg
 
 from resnet_cifar.run import train
 

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_script, synthetic_overrides
+from helpers import REPO, run_script, synthetic_overrides
 
 from resnet_cifar.sweeps import load_runs, summarize
 

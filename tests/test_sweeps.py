@@ -13,7 +13,7 @@ import optuna
 import pytest
 import submitit
 import yaml
-from conftest import CONF, REPO, synthetic_overrides
+from helpers import CONF, REPO, synthetic_overrides
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import compose_cfg, run_script, synthetic_overrides
+from helpers import compose_cfg, run_script, synthetic_overrides
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from resnet_cifar.config import validate_train_config

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 
 import pytest
-from conftest import compose_cfg
+from helpers import compose_cfg
 
 from resnet_cifar.run import train
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import compose_cfg
+from helpers import compose_cfg
 
 from resnet_cifar.config import validate_train_config
 from resnet_cifar.data.datamodule import CIFAR10DataModule

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import compose_cfg
+from helpers import compose_cfg
 from pytorch_lightning.callbacks import Timer
 
 from resnet_cifar.config import validate_train_config

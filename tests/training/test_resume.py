@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, compose_cfg, synthetic_overrides
+from helpers import REPO, compose_cfg, synthetic_overrides
 
 from resnet_cifar.cli import EXIT_TERMINATED
 from resnet_cifar.data.datamodule import EpochShuffle

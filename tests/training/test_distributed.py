@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_script, synthetic_split
+from helpers import REPO, run_script, synthetic_split
 from lightning_fabric.utilities.distributed import DistributedSamplerWrapper
 
 from resnet_cifar.data.cifar10 import write_batches

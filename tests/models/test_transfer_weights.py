@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 import torchvision
-from conftest import compose_cfg, synthetic_overrides
+from helpers import compose_cfg, synthetic_overrides
 
 from resnet_cifar.config import validate_train_config
 from resnet_cifar.errors import ConfigError, WeightsError

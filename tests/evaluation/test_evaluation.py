@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import compose_cfg, run_script, synthetic_overrides
+from helpers import compose_cfg, run_script, synthetic_overrides
 from PIL import Image
 
 from resnet_cifar.data.cifar10 import CLASSES, TEST_FILES, read_split

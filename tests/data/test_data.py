@@ -9,7 +9,7 @@ import urllib.error
 import numpy as np
 import pytest
 import torch
-from conftest import compose_cfg
+from helpers import compose_cfg
 
 from resnet_cifar.config import validate_train_config
 from resnet_cifar.data import cifar10
