@@ -15,7 +15,6 @@ A new config key must be added here (with its type and range) to be accepted.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import inspect
 import math
@@ -60,14 +59,13 @@ def _choice(*options: str):
     return (lambda v: v in options), "one of " + ", ".join(options)
 
 
-def f(default: Any = _MISSING, check: tuple | None = None, each: tuple | None = None, **kw) -> Any:
-    """A schema field: ``check`` applies to the value, ``each`` to every item of a list."""
-    meta = {"check": check, "each": each}
-    if default is _MISSING:
-        return field(metadata=meta, **kw)
-    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
-        return field(default_factory=lambda d=default: copy.deepcopy(d), metadata=meta)
-    return field(default=default, metadata=meta)
+def f(check: tuple | None = None, each: tuple | None = None) -> Any:
+    """A schema field: ``check`` applies to the value, ``each`` to every item of a list.
+
+    No defaults: the YAML files are the one source of default values; the schema only says
+    what a value may be.
+    """
+    return field(metadata={"check": check, "each": each})
 
 
 POSITIVE = _rng(1)
@@ -77,125 +75,125 @@ FRACTION = _rng(0, 1)
 
 @dataclass
 class AugmentSchema:
-    crop_padding: int = f(4, _rng(0, 16))
-    flip: bool = f(True)
-    cutout: int = f(0, _rng(0, 32))
-    color_jitter: float = f(0.0, _rng(0, 1))
-    autoaugment: bool = f(False)
-    random_erasing: float = f(0.0, FRACTION)
+    crop_padding: int = f(check=_rng(0, 16))
+    flip: bool = f()
+    cutout: int = f(check=_rng(0, 32))
+    color_jitter: float = f(check=_rng(0, 1))
+    autoaugment: bool = f()
+    random_erasing: float = f(check=FRACTION)
 
 
 @dataclass
 class DataSchema:
-    root: str = f("data")
-    download: bool = f(True)
-    val_size: int = f(5000, _rng(0, 49_999))
-    split_seed: int = f(0, NON_NEGATIVE)
-    seed: int = f(0, NON_NEGATIVE)
-    batch_size: int = f(128, _rng(1, 65_536))
-    eval_batch_size: int = f(500, _rng(1, 65_536))
-    loader: str = f("tensor", _choice(*LOADERS))
-    num_workers: int = f(0, _rng(0, 256))
-    pin_memory: bool = f(False)
-    on_device: bool = f(False)
-    mean: list[float] = f([0.4914, 0.4822, 0.4465], ((lambda v: len(v) == 3), "3 values"), FRACTION)
-    std: list[float] = f([0.2470, 0.2435, 0.2616], ((lambda v: len(v) == 3), "3 values"), _rng(0, 1, lo_open=True))
-    image_size: int = f(32, _rng(8, 1024))
-    augment: AugmentSchema = f(AugmentSchema())
+    root: str = f()
+    download: bool = f()
+    val_size: int = f(check=_rng(0, 49_999))
+    split_seed: int = f(check=NON_NEGATIVE)
+    seed: int = f(check=NON_NEGATIVE)
+    batch_size: int = f(check=_rng(1, 65_536))
+    eval_batch_size: int = f(check=_rng(1, 65_536))
+    loader: str = f(check=_choice(*LOADERS))
+    num_workers: int = f(check=_rng(0, 256))
+    pin_memory: bool = f()
+    on_device: bool = f()
+    mean: list[float] = f(check=((lambda v: len(v) == 3), "3 values"), each=FRACTION)
+    std: list[float] = f(check=((lambda v: len(v) == 3), "3 values"), each=_rng(0, 1, lo_open=True))
+    image_size: int = f(check=_rng(8, 1024))
+    augment: AugmentSchema = f()
     classes: list[int] | None = f(
-        None, ((lambda v: len(v) >= 2 and len(set(v)) == len(v)), "at least 2 distinct class ids"), _rng(0, 9)
+        check=((lambda v: len(v) >= 2 and len(set(v)) == len(v)), "at least 2 distinct class ids"), each=_rng(0, 9)
     )
-    train_per_class: int | None = f(None, _rng(1, 5000))
-    strict_sizes: bool = f(True)
+    train_per_class: int | None = f(check=_rng(1, 5000))
+    strict_sizes: bool = f()
 
 
 @dataclass
 class ModelSchema:
-    name: str = f("resnet20", _choice(*MODELS))
+    name: str = f(check=_choice(*MODELS))
     # CIFAR ResNets
-    block: str = f("basic", _choice("basic", "bottleneck"))
-    shortcut: str = f("A", _choice("A", "B"))
+    block: str = f(check=_choice("basic", "bottleneck"))
+    shortcut: str = f(check=_choice("A", "B"))
     # torchvision ResNets
-    pretrained: bool = f(False)
-    weights: str = f("DEFAULT")
-    cifar_stem: bool = f(False)
+    pretrained: bool = f()
+    weights: str = f()
+    cifar_stem: bool = f()
     # both
-    weights_path: str | None = f(None)
-    load_head: bool = f(True)
-    dropout: float = f(0.0, _rng(0, 1, hi_open=True))
+    weights_path: str | None = f()
+    load_head: bool = f()
+    dropout: float = f(check=_rng(0, 1, hi_open=True))
 
 
 @dataclass
 class StageSchema:
-    name: str = f("scratch", _choice(*STAGES))
-    pretrained: bool = f(False)
-    unfreeze_at_epoch: int = f(0, _rng(0, 100_000))
-    backbone_lr_ratio: float = f(1.0, _rng(0, 10, lo_open=True))
+    name: str = f(check=_choice(*STAGES))
+    pretrained: bool = f()
+    unfreeze_at_epoch: int = f(check=_rng(0, 100_000))
+    backbone_lr_ratio: float = f(check=_rng(0, 10, lo_open=True))
 
 
 @dataclass
 class OptimizerSchema:
-    name: str = f("sgd", _choice(*OPTIMIZERS))
-    lr: float = f(0.1, _rng(0, 10, lo_open=True))
-    weight_decay: float = f(0.0, _rng(0, 1))
-    no_decay_bn_bias: bool = f(True)
+    name: str = f(check=_choice(*OPTIMIZERS))
+    lr: float = f(check=_rng(0, 10, lo_open=True))
+    weight_decay: float = f(check=_rng(0, 1))
+    no_decay_bn_bias: bool = f()
     # sgd
-    momentum: float = f(0.9, _rng(0, 1, hi_open=True))
-    nesterov: bool = f(False)
+    momentum: float = f(check=_rng(0, 1, hi_open=True))
+    nesterov: bool = f()
     # adamw
-    betas: list[float] = f([0.9, 0.999], ((lambda v: len(v) == 2), "2 values"), _rng(0, 1, hi_open=True))
-    eps: float = f(1e-8, _rng(0, 1, lo_open=True))
+    betas: list[float] = f(check=((lambda v: len(v) == 2), "2 values"), each=_rng(0, 1, hi_open=True))
+    eps: float = f(check=_rng(0, 1, lo_open=True))
 
 
 @dataclass
 class SchedulerSchema:
-    name: str = f("cosine", _choice(*SCHEDULERS))
-    warmup_epochs: float = f(0.0, _rng(0, 100_000))
-    warmup_start: float = f(0.0, FRACTION)
-    min_lr_ratio: float = f(0.0, FRACTION)
-    milestones: list[float] = f([], each=_rng(0, 1, lo_open=True, hi_open=True))
-    gamma: float = f(0.1, _rng(0, 1, lo_open=True))
-    pct_start: float = f(0.25, _rng(0, 1, lo_open=True, hi_open=True))
-    div_factor: float = f(25.0, _rng(1))
-    final_div_factor: float = f(1e4, _rng(1))
-    anneal_strategy: str = f("linear", _choice("linear", "cos"))
-    cycle_momentum: bool = f(False)
-    progress: str = f("steps", _choice("steps", "time"))
+    name: str = f(check=_choice(*SCHEDULERS))
+    warmup_epochs: float = f(check=_rng(0, 100_000))
+    warmup_start: float = f(check=FRACTION)
+    min_lr_ratio: float = f(check=FRACTION)
+    milestones: list[float] = f(each=_rng(0, 1, lo_open=True, hi_open=True))
+    gamma: float = f(check=_rng(0, 1, lo_open=True))
+    pct_start: float = f(check=_rng(0, 1, lo_open=True, hi_open=True))
+    div_factor: float = f(check=_rng(1))
+    final_div_factor: float = f(check=_rng(1))
+    anneal_strategy: str = f(check=_choice("linear", "cos"))
+    cycle_momentum: bool = f()
+    progress: str = f(check=_choice("steps", "time"))
 
 
 @dataclass
 class ModuleSchema:
-    channels_last: bool = f(False)
-    tta_flip: bool = f(False)
-    compile: bool = f(False)
-    lr_scaling: str = f("none", _choice(*LR_SCALING))
+    channels_last: bool = f()
+    tta_flip: bool = f()
+    compile: bool = f()
+    lr_scaling: str = f(check=_choice(*LR_SCALING))
 
 
 @dataclass
 class TrainSchema:
-    task_name: str = f("train")
-    run_name: str | int | None = f(None, ((lambda v: "/" not in str(v) and str(v) not in ("", ".", "..")), "a name"))
-    seed: int = f(42, _rng(0, 2**32 - 1))
-    ckpt_path: str | None = f(None)
-    test: bool = f(True)
-    label_smoothing: float = f(0.0, _rng(0, 1, hi_open=True))
-    optimized_metric: str | None = f(None)
-    data: DataSchema = f(DataSchema())
-    model: ModelSchema = f(ModelSchema())
-    stage: StageSchema = f(StageSchema())
-    optimizer: OptimizerSchema = f(OptimizerSchema())
-    scheduler: SchedulerSchema = f(SchedulerSchema())
-    module: ModuleSchema = f(ModuleSchema())
+    task_name: str = f()
+    run_name: str | int | None = f(check=((lambda v: "/" not in str(v) and str(v) not in ("", ".", "..")), "a name"))
+    seed: int = f(check=_rng(0, 2**32 - 1))
+    ckpt_path: str | None = f()
+    test: bool = f()
+    label_smoothing: float = f(check=_rng(0, 1, hi_open=True))
+    optimized_metric: str | None = f()
+    data: DataSchema = f()
+    model: ModelSchema = f()
+    stage: StageSchema = f()
+    optimizer: OptimizerSchema = f()
+    scheduler: SchedulerSchema = f()
+    module: ModuleSchema = f()
     # Free-form groups: instantiated objects (``_target_`` entries) and paths.
-    trainer: dict = f({})
-    callbacks: dict | None = f({})
-    logger: dict | None = f({})
-    plugins: dict | None = f({})
-    paths: dict = f({})
+    trainer: dict = f()
+    callbacks: dict | None = f()
+    logger: dict | None = f()
+    plugins: dict | None = f()
+    paths: dict = f()
     # The evaluation report after testing (conf/report/; checked by the report itself).
-    report: dict | None = f(None)
+    report: dict | None = f()
     # Values shared by the transfer-study presets (conf/experiment/_transfer.yaml).
-    transfer: dict | None = f(None)
+    transfer: dict | None = f()
 
 
 # Trainer arguments checked beyond "is an argument of pytorch_lightning.Trainer".
