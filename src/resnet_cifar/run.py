@@ -17,7 +17,7 @@ from resnet_cifar.atomic import write_json
 from resnet_cifar.config import to_dict, validate_train_config
 from resnet_cifar.data.datamodule import CIFAR10DataModule
 from resnet_cifar.errors import ConfigError, WeightsError
-from resnet_cifar.evaluation.report import run_report
+from resnet_cifar.evaluation.report import save_report
 from resnet_cifar.models.weights import safe_load
 from resnet_cifar.schema import DataSchema, check_against
 from resnet_cifar.sweeps import in_multirun
@@ -130,10 +130,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         ckpt = best if best else None
         if ckpt is None:
             log.warning("No best checkpoint was saved; testing the weights at the end of training")
+        if cfg.get("report"):  # accumulated in the test loop, over every process's share
+            module.enable_report(to_dict(cfg.report))
         results = trainer.test(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
         metrics.update(_floats(results[0]) if results else {})
         if cfg.get("report") and trainer.is_global_zero:  # the tested weights: confusion matrix, ECE, figures
-            metrics.update(run_report(module, datamodule, out_dir / "report", to_dict(cfg.report), trainer=trainer))
+            metrics.update(save_report(module, datamodule, trainer, out_dir / "report", to_dict(cfg.report)))
     metrics["best_ckpt"] = best
     metrics["epochs"] = trainer.current_epoch
     if trainer.is_global_zero:
@@ -170,12 +172,14 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     module, data_hp = ImageClassifier.load_trained(cfg.ckpt_path, **overrides)
     datamodule = build_datamodule({**data_hp, **to_dict(cfg.data)})
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, logger=False)
+    if cfg.get("report"):
+        module.enable_report(to_dict(cfg.report))
     results = trainer.test(module, datamodule=datamodule)
     metrics = {**_floats(results[0]), "ckpt_path": str(cfg.ckpt_path)}
-    if cfg.get("report"):
+    if cfg.get("report") and trainer.is_global_zero:
         out_dir = Path(cfg.paths.output_dir)
-        report_kw = {"trainer": trainer, "tb_dir": out_dir / "tensorboard"}
-        metrics.update(run_report(module, datamodule, out_dir / "report", to_dict(cfg.report), **report_kw))
+        report_kw = {"tb_dir": out_dir / "tensorboard"}
+        metrics.update(save_report(module, datamodule, trainer, out_dir / "report", to_dict(cfg.report), **report_kw))
     if trainer.is_global_zero:
         write_metrics(Path(cfg.paths.output_dir) / "metrics.json", metrics)
         log.info("Metrics: %s", json.dumps(metrics, sort_keys=True))

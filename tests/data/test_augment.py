@@ -151,7 +151,7 @@ class _Recorder(pl.LightningModule):
         self.seen: dict[str, list] = {"train": [], "val": [], "test": []}
 
     def _step(self, split, batch):
-        x, y = batch
+        x, y, _ = batch
         self.seen[split].append((self.current_epoch, x.clone(), y.clone()))
         return F.cross_entropy(self.layer(x.flatten(1)), y)
 
@@ -230,7 +230,8 @@ def test_transform_batch_outside_a_trainer(synthetic_root):
     x_eval, _ = dm.transform_batch((images, labels, index), train=False)
     assert torch.equal(x_eval, dm.augmenter.normalize(images))
     # Without a trainer, on_after_batch_transfer never augments.
-    x_hook, _ = dm.on_after_batch_transfer((images, labels, index), 0)
+    x_hook, _, index_hook = dm.on_after_batch_transfer((images, labels, index), 0)
+    assert torch.equal(index_hook, index)
     assert torch.equal(x_hook, x_eval)
 
 

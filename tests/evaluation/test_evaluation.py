@@ -14,7 +14,8 @@ from PIL import Image
 
 from resnet_cifar.data.cifar10 import CLASSES, TEST_FILES, read_split
 from resnet_cifar.errors import UserError
-from resnet_cifar.evaluation.report import compute_report
+from resnet_cifar.evaluation.metrics import ReportMetrics
+from resnet_cifar.evaluation.report import most_confused
 from resnet_cifar.inference import Predictor, predict, to_model_input
 from resnet_cifar.run import train
 from resnet_cifar.training.module import ImageClassifier
@@ -136,19 +137,31 @@ def test_report_numbers_agree_with_an_independent_computation(run_dir, ckpt, syn
         assert off[CLASSES.index(top["true"]), CLASSES.index(top["predicted"])] == off.max()
 
 
-def test_compute_report_on_hand_made_probabilities():
+def test_report_metrics_on_hand_made_probabilities_in_two_batches():
     probs = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.6, 0.3, 0.1], [0.2, 0.2, 0.6], [0.5, 0.4, 0.1]])
     labels = torch.tensor([0, 1, 1, 2, 2])  # right, right, 1->0, right, 2->0
-    r = compute_report(probs, labels, ["a", "b", "c"], n_bins=10)
-    assert r["confusion_matrix"] == [[1, 0, 0], [1, 1, 0], [1, 0, 1]]
+    metrics = ReportMetrics(["a", "b", "c"], n_bins=10, max_misclassified=1, tta=False)
+    for part in (slice(0, 2), slice(2, 5)):  # softmax(log p) = p
+        metrics.update(probs[part].log(), labels[part], torch.arange(5)[part])
+    r = metrics.compute()
+    assert r["confusion_matrix"] == [[1, 0, 0], [1, 1, 0], [1, 0, 1]] and r["num_images"] == 5
     assert r["top1"] == pytest.approx(3 / 5)
     assert r["top5"] == 1.0  # fewer than 5 classes: every label is in the top 3
     assert r["per_class"]["a"]["precision"] == pytest.approx(1 / 3)
     assert r["per_class"]["b"]["recall"] == pytest.approx(1 / 2)
-    assert r["most_confused"][0]["count"] == 1 and len(r["most_confused"]) == 2
+    assert r["nll"] == pytest.approx(float(-probs[torch.arange(5), labels].log().mean()), abs=1e-6)
     # bins: 0.7 right, 0.8 right, 0.6 wrong, 0.6 right, 0.5 wrong
     expected = (1 / 5) * abs(1 - 0.7) + (1 / 5) * abs(1 - 0.8) + (2 / 5) * abs(0.5 - 0.6) + (1 / 5) * abs(0 - 0.5)
     assert r["ece"] == pytest.approx(expected, abs=1e-6)
+    bins = r["reliability"]
+    assert bins["count"][5:8] == [2, 1, 1] and sum(bins["count"]) == 5  # 0.5 is in (0.4, 0.5]
+    ece_from_bins = sum(n / 5 * abs(a - c) for n, a, c in zip(bins["count"], bins["accuracy"], bins["confidence"]))
+    assert ece_from_bins == pytest.approx(r["ece"], abs=1e-6)  # the diagram and the ECE bin alike
+    assert r["mistakes"] == {"confidence": [pytest.approx(0.6)], "index": [2], "predicted": [0], "target": [1]}
+    assert most_confused(r["confusion_matrix"], ["a", "b", "c"], 5) == [
+        {"true": "b", "predicted": "a", "count": 1, "fraction_of_true": 0.5},
+        {"true": "c", "predicted": "a", "count": 1, "fraction_of_true": 0.5},
+    ]
 
 
 def test_eval_script_writes_report_with_flip_tta(run_dir, ckpt, synthetic_root, tmp_path):

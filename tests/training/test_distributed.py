@@ -168,6 +168,16 @@ def test_ddp_finetune_across_unfreeze_matches_single_process(tmp_path, odd_root,
     assert single["test/acc"] == metrics["test/acc"]
     assert single["test/loss"] == pytest.approx(metrics["test/loss"], rel=1e-5)
     assert round(single["test/acc"] * N_TEST, 3).is_integer()
+    # The report of the DDP run covers both ranks' shares (accumulated in the test loop and
+    # synchronised) and agrees number for number with the single-process evaluation.
+    ddp_report, one_report = metrics["report"], single["report"]
+    assert ddp_report["num_images"] == one_report["num_images"] == N_TEST
+    assert ddp_report["top1"] == pytest.approx(metrics["test/acc"], abs=1e-7)
+    assert ddp_report["confusion_matrix"] == one_report["confusion_matrix"]
+    for key in ("top1", "top5", "ece", "nll", "macro_f1"):
+        assert ddp_report[key] == pytest.approx(one_report[key], abs=1e-6), key
+    assert ddp_report["reliability"]["count"] == one_report["reliability"]["count"]
+    assert sorted(ddp_report["mistakes"]["index"]) == sorted(one_report["mistakes"]["index"])
 
 
 def test_ddp_linear_probe_keeps_backbone(tmp_path, odd_root, weights_file):

@@ -282,13 +282,14 @@ class CIFAR10DataModule(pl.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         return self._loader("test")
 
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> tuple[torch.Tensor, ...]:
+        """``(images, labels, index)``: the index (position in the split) lets the report name images."""
         images, labels, index = batch
         if images.dtype == torch.uint8:  # tensor loader: augment and normalise on the device
             training = self.trainer is not None and self.trainer.training
             epoch = self.trainer.current_epoch if self.trainer is not None else 0
             images = self.augmenter(images, index, epoch, train=training)
-        return images, labels
+        return images, labels, index
 
     def transform_batch(self, batch: Any, train: bool, epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalise (and, if ``train``, augment) a raw batch outside a Trainer."""

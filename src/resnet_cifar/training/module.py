@@ -12,6 +12,7 @@ from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from resnet_cifar.errors import WeightsError
+from resnet_cifar.evaluation.metrics import ReportMetrics
 from resnet_cifar.models.factory import build_model
 from resnet_cifar.models.weights import safe_load
 from resnet_cifar.stages import FreezeSchedule
@@ -74,6 +75,9 @@ class ImageClassifier(pl.LightningModule):
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self.val_acc_best = MaxMetric()
         self._resumed_metric_states: dict | None = None
+        # The evaluation report's metrics, updated in the test loop once enable_report() was called.
+        self.report_metrics: ReportMetrics | None = None
+        self.test_report: dict[str, Any] | None = None
 
     # ----------------------------------------------------------- forward
     def backbone_trainable(self) -> bool:
@@ -121,7 +125,7 @@ class ImageClassifier(pl.LightningModule):
         self._resumed_metric_states = checkpoint.get(metric_state.KEY)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
+        x, y, _ = batch
         logits = self(x)
         loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
         self.train_acc(logits.detach(), y)
@@ -129,11 +133,15 @@ class ImageClassifier(pl.LightningModule):
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
-    def _eval_step(self, batch, acc: MulticlassAccuracy, mean_loss: MeanMetric) -> None:
-        x, y = batch
-        logits = self.predict_logits(x)
-        acc(logits, y)
-        mean_loss(F.cross_entropy(logits, y), weight=len(y))
+    def _eval_step(self, batch, acc: MulticlassAccuracy, mean_loss: MeanMetric, report: bool = False) -> None:
+        x, y, index = batch
+        logits = self(x)
+        flip = self(x.flip(-1)) if self.hparams.tta_flip or (report and self.report_metrics.tta) else None
+        headline = (logits + flip) / 2 if self.hparams.tta_flip else logits  # as predict_logits
+        acc(headline, y)
+        mean_loss(F.cross_entropy(headline, y), weight=len(y))
+        if report:
+            self.report_metrics.update(logits, y, index, flip, tta_flip=self.hparams.tta_flip)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._eval_step(batch, self.val_acc, self.val_loss)
@@ -145,12 +153,24 @@ class ImageClassifier(pl.LightningModule):
         self.log("val/loss", self.val_loss)
         self.log("val/acc_best", self.val_acc_best.compute(), sync_dist=True)  # equal on all ranks already
 
+    def enable_report(self, options: dict[str, Any]) -> None:
+        """Accumulate the evaluation report in the next test loop (see :class:`ReportMetrics`)."""
+        self.report_metrics = ReportMetrics(
+            list(self.hparams.class_names or range(self.hparams.num_classes)),
+            n_bins=options["n_bins"],
+            max_misclassified=options["max_misclassified"],
+            tta=options["tta"],
+        ).to(self.device)
+
     def test_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, self.test_acc, self.test_loss)
+        self._eval_step(batch, self.test_acc, self.test_loss, report=self.report_metrics is not None)
 
     def on_test_epoch_end(self) -> None:
         self.log("test/acc", self.test_acc)
         self.log("test/loss", self.test_loss)
+        if self.report_metrics is not None:  # every rank: compute() gathers the states of all processes
+            self.test_report = self.report_metrics.compute()
+            self.report_metrics.reset()
 
     def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
         return self.predict_logits(batch[0]).softmax(-1)
