@@ -6,16 +6,18 @@ from __future__ import annotations
 import errno
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
 import textwrap
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import REPO, compose_cfg, run_script, synthetic_overrides, synthetic_split
+from helpers import REPO, compose_cfg, synthetic_overrides, synthetic_split
 from hydra import compose, initialize_config_dir
 
 from resnet_cifar import CONFIG_DIR
@@ -242,26 +244,91 @@ def test_write_metrics_on_a_full_disk_keeps_the_old_file(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # no temporary file left
 
 
-# ----------------------------------------------- the catalogue, through train.py
-def test_catalogue_of_bad_inputs_through_train_py(synthetic_root, tmp_path):
-    """Each bad input as a user would give it: exit 2, one `error:` line, no traceback, nothing run."""
+# ------------------------------------------- README's error table, through real runs
+def readme_error_rows() -> list[str]:
+    """The message column of README's "What the errors mean" table (the part after ``error: ``)."""
+    text = (REPO / "README.md").read_text()
+    table = text[text.index("### What the errors mean") :].split("\n## ", 1)[0]
+    return re.findall(r"^\| `error: ([^`]+)`", table, flags=re.M)
+
+
+def message_pattern(row: str) -> str:
+    """README's placeholders ``<...>`` and ``...`` stand for any text."""
+    return "".join(
+        ".+?" if p.startswith("<") or p == "..." else re.escape(p) for p in re.split(r"(<[^>]+>|\.\.\.)", row)
+    )
+
+
+# Rows a command line cannot provoke on a healthy machine, and the test that covers each.
+COVERED_ELSEWHERE = {
+    "cannot write checkpoint": "test_full_disk_while_saving_is_a_clear_error_and_keeps_earlier_outputs",
+    "<feature> needs": "test_commands.py::test_a_missing_extra_through_the_command_is_one_line",
+}
+
+
+def test_every_readme_error_row_through_a_real_run(synthetic_root, tmp_path):
+    """Each row of README's error table, provoked as a user would: exit 2, that one `error:` line,
+    no traceback, nothing run. A new row without a case here fails the test."""
     marker = tmp_path / "pwned"
     evil = malicious_checkpoint(tmp_path / "evil.ckpt", marker)
     (tmp_path / "afile").write_text("x")
+    bad_shape = build_model("resnet20").state_dict()
+    bad_shape["backbone.stem.0.weight"] = torch.zeros(8, 3, 3, 3)
+    torch.save(bad_shape, tmp_path / "other_arch.pt")
+    taken = tmp_path / "taken"
+    atomic_torch_save({"state_dict": {}, "loops": {}}, taken / "checkpoints" / "last.ckpt")
+    hub = tmp_path / "torch_home" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    (hub / "resnet18-f37072fd.pth").write_bytes(b"not the official file")
     fast = [*synthetic_overrides(synthetic_root), "trainer.max_epochs=1", "logger=none", "~callbacks.lr_monitor"]
-    cases = [
-        (["+data.batchsize=3"], "data.batchsize is not a known key"),
-        (["optimizer.lr=-1"], "optimizer.lr=-1: expected a number in (0, 10]"),
-        (["stage=linear_probe"], "stage=linear_probe starts from pretrained weights"),
-        ([f"ckpt_path={evil}"], "needs arbitrary unpickling"),
-        ([f"data.root={bad_data_root(tmp_path, 'truncated')}"], "unreadable or truncated"),
-        ([f"hydra.run.dir={tmp_path / 'afile' / 'run'}"], "cannot be used as an output directory"),
-    ]
-    for i, (overrides, message) in enumerate(cases):
-        run_dir = [] if overrides[0].startswith("hydra.run.dir") else [f"hydra.run.dir={tmp_path / f'run{i}'}"]
-        proc = run_script("train.py", *fast, *overrides, *run_dir, cwd=tmp_path)
-        assert proc.returncode == 2, (overrides, proc.stderr[-3000:])
+    cases = {  # README row prefix -> (overrides, extra environment)
+        "<key>=<value>: expected": (["optimizer.lr=-1"], {}),
+        "<key> is not a known key": (["+data.batchsize=3"], {}),
+        "trainer.<key> is not an argument": (["+trainer.max_epoch=3"], {}),
+        "stage=linear_probe starts from": (["stage=linear_probe"], {}),
+        "stage.unfreeze_at_epoch=<n>": (
+            ["stage=finetune", f"model.weights_path={tmp_path / 'afile'}", "stage.unfreeze_at_epoch=1"],
+            {},
+        ),
+        "stage=linear_probe freezes": (["model=resnet18", "stage=linear_probe", "model.cifar_stem=true"], {}),
+        "scheduler.progress=time": (["scheduler.progress=time", "scheduler.warmup_epochs=0"], {}),
+        "<TORCH_HOME>/hub/checkpoints": (
+            ["model=resnet18", "model.pretrained=true"],
+            {"TORCH_HOME": str(tmp_path / "torch_home")},
+        ),
+        "ckpt_path <file> was refused": ([f"ckpt_path={evil}"], {}),
+        "... is not a PyTorch checkpoint": ([f"ckpt_path={tmp_path / 'afile'}"], {}),
+        "<file> does not fit": ([f"model.weights_path={tmp_path / 'other_arch.pt'}"], {}),
+        "<batch file> is unreadable": ([f"data.root={bad_data_root(tmp_path, 'truncated')}"], {}),
+        "<batch file> was refused": ([f"data.root={bad_data_root(tmp_path, 'code')}"], {}),
+        "hydra.run.dir=<dir> cannot be used": ([f"hydra.run.dir={tmp_path / 'afile' / 'run'}"], {}),
+        "<dir> already holds a run": ([f"hydra.run.dir={taken}"], {}),
+    }
+    rows = readme_error_rows()
+    assert len(rows) >= len(cases)
+
+    def run(row: str) -> tuple[str, subprocess.CompletedProcess]:
+        overrides, env = next(v for k, v in cases.items() if row.startswith(k))
+        run_dir = (
+            []
+            if any(o.startswith("hydra.run.dir") for o in overrides)
+            else [f"hydra.run.dir={tmp_path / str(hash(row))}"]
+        )
+        cmd = [sys.executable, str(REPO / "train.py"), *fast, *overrides, *run_dir]
+        full_env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "HYDRA_FULL_ERROR": "0", **env}
+        return row, subprocess.run(cmd, cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=600)
+
+    to_run = []
+    for row in rows:
+        if any(row.startswith(k) for k in COVERED_ELSEWHERE):
+            continue
+        assert any(row.startswith(k) for k in cases), f"README error row without a test case: {row!r}"
+        to_run.append(row)
+    with ThreadPoolExecutor(max_workers=2) as pool:  # subprocesses: two at a time on two cores
+        results = list(pool.map(run, to_run))
+    for row, proc in results:
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-        assert len(errors) == 1 and message in errors[0], (overrides, proc.stderr[-3000:])
-        assert "Traceback" not in proc.stderr, (overrides, proc.stderr[-3000:])
-    assert not marker.exists()
+        assert proc.returncode == 2 and len(errors) == 1, (row, proc.stderr[-3000:])
+        assert re.match(message_pattern(row), errors[0].removeprefix("error: ")), (row, errors[0])
+        assert "Traceback" not in proc.stderr, (row, proc.stderr[-3000:])
+    assert not marker.exists() and not (tmp_path / "data_marker").exists()

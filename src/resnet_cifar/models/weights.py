@@ -41,7 +41,8 @@ def safe_load(path: str | Path, what: str = "checkpoint") -> dict[str, Any]:
     except pickle.UnpicklingError as e:
         found = re.search(r"unsupported GLOBAL (\S+)|Unsupported global: GLOBAL (\S+)", str(e))
         if not found:
-            raise WeightsError(f"{what} {path} is not a PyTorch checkpoint or is corrupted") from None
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise WeightsError(f"{what} {path} is not a PyTorch checkpoint or is truncated ({reason})") from None
         name = found.group(1) or found.group(2)
         raise WeightsError(
             f"{what} {path} was refused: it needs arbitrary unpickling ({name}), which can run code. "
