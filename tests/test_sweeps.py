@@ -114,12 +114,26 @@ def test_optuna_search_reports_best_trial(tmp_path, synthetic_root):
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 3
 
 
-def test_optuna_takes_failed_trial_value():
-    """A failed job returns -inf when maximising: Optuna records it and keeps the best finite trial."""
-    study = optuna.create_study(direction="maximize")
-    for value in (0.5, -math.inf, 0.7):
-        study.tell(study.ask(), value)
-    assert study.best_value == 0.7 and len(study.trials) == 3
+def test_failed_trials_reach_optuna_as_the_worst_value(tmp_path, synthetic_root):
+    """Every trial crashes: each returns failed_objective() (-inf when maximising) to the sweeper,
+    Optuna records them as finished trials, the search runs to its end and the command exits 1."""
+    sweep, db = tmp_path / "sweep", tmp_path / "optuna.db"
+    r = run_train(
+        "hparams_search=optuna",
+        "hydra.sweeper.n_trials=2",
+        f"hydra.sweeper.storage=sqlite:///{db}",
+        f"hydra.sweep.dir={sweep}",
+        "+callbacks.crash._target_=probes.CrashAt",
+        "+callbacks.crash.step=1",
+        *synthetic_overrides(synthetic_root),
+        *TINY,
+        cwd=tmp_path,
+    )
+    assert r.returncode == 1 and "2 of 2 jobs failed" in r.stderr, r.stderr[-3000:]
+    study = optuna.load_study(study_name="resnet_cifar", storage=f"sqlite:///{db}")
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    assert [t.value for t in study.trials] == [-math.inf, -math.inf]
+    assert all(read(d / "status.json")["error_type"] == "RuntimeError" for d in job_dirs(sweep))
 
 
 def test_submitit_local_launcher_runs_jobs(tmp_path, synthetic_root):

@@ -14,6 +14,10 @@ from resnet_cifar.config import validate_train_config
 from resnet_cifar.errors import ConfigError
 from resnet_cifar.run import objective
 
+# Test accuracy a 2-epoch run on the synthetic set reaches at least (measured: see the note in
+# helpers.synthetic_split); far above chance (0.1), so a training path that does not learn fails.
+LEARNED = 0.5
+
 
 @pytest.fixture(scope="module")
 def trained_run(synthetic_root, tmp_path_factory) -> Path:
@@ -28,8 +32,7 @@ def test_train_writes_checkpoints_metrics_and_logs(trained_run):
     metrics = json.loads((trained_run / "metrics.json").read_text())
     for key in ("train/loss", "val/acc", "val/acc_best", "test/acc", "test/loss"):
         assert key in metrics
-    assert 0.0 <= metrics["test/acc"] <= 1.0
-    assert metrics["val/acc_best"] >= metrics["val/acc"]
+    assert metrics["test/acc"] >= LEARNED  # the synthetic classes are learnable: chance is 0.1
     assert metrics["epochs"] == 2
     assert (trained_run / "checkpoints" / "last.ckpt").is_file()
     assert Path(metrics["best_ckpt"]).is_file()
@@ -47,6 +50,13 @@ def test_tensorboard_has_the_curves_and_hparams(trained_run):
     assert expected <= tags, tags
     assert {"lr-SGD/head", "lr-SGD/backbone"} <= tags, tags
     assert len(acc.Scalars("val/acc")) == 2  # one per epoch
+    # val/acc_best is the running maximum of val/acc, and metrics.json holds the final values
+    val = [e.value for e in acc.Scalars("val/acc")]
+    best = [e.value for e in acc.Scalars("val/acc_best")]
+    assert best == pytest.approx([max(val[: i + 1]) for i in range(len(val))], abs=1e-6)
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    assert metrics["val/acc_best"] == pytest.approx(max(val), abs=1e-6)
+    assert metrics["val/acc"] == pytest.approx(val[-1], abs=1e-6)
     assert (trained_run / "tensorboard" / "hparams.yaml").is_file() or any(
         "hparams" in t for t in acc.Tags().get("tensors", [])
     )

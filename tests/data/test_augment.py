@@ -276,3 +276,23 @@ def test_torchvision_training_batches_are_windows_of_the_padded_images(synthetic
         padded = (F.pad(r - black[0], (PAD,) * 4) + black[0]).unsqueeze(0)  # pad with black, not 0
         wins = [padded[0, :, dy : dy + 32, dx : dx + 32] for dy in range(2 * PAD + 1) for dx in range(2 * PAD + 1)]
         assert any(torch.allclose(img, w, atol=1e-5) or torch.allclose(img, w.flip(-1), atol=1e-5) for w in wins)
+
+
+def test_torchvision_loader_applies_jitter_autoaugment_and_erasing(synthetic_root):
+    """The per-sample options reach the pipeline, and erasing (p=1) blanks a box in every image."""
+    from torchvision.transforms import v2
+
+    aug = {"crop_padding": 0, "flip": False, "color_jitter": 0.4, "autoaugment": True, "random_erasing": 1.0}
+    dm = _dm(synthetic_root, loader="torchvision", batch_size=20, augment=aug)
+    train, evaluate = dm._per_sample_transforms()
+    kinds = [type(t) for t in train.transforms]
+    assert v2.AutoAugment in kinds and v2.ColorJitter in kinds and v2.RandomErasing in kinds
+    jitter = next(t for t in train.transforms if isinstance(t, v2.ColorJitter))
+    assert jitter.brightness == jitter.contrast == jitter.saturation == (0.6, 1.4)
+    policy = next(t for t in train.transforms if isinstance(t, v2.AutoAugment)).policy
+    assert policy == v2.AutoAugmentPolicy.CIFAR10
+    assert [type(t) for t in evaluate.transforms] == [type(dm.augmenter.preprocess)]  # no augmentation
+    x, _, index = next(iter(dm.train_dataloader()))
+    plain = dm.augmenter.normalize(dm.splits["train"].images[index])
+    erased = (x == 0).flatten(1).float().mean(1)  # RandomErasing writes exact zeros
+    assert (erased > 0.01).all() and not torch.allclose(x, plain)

@@ -68,3 +68,18 @@ def test_tta_flip_averages_the_logits_of_image_and_mirror():
         # Test and predict steps use the averaged logits.
         probs = module.predict_step((x, torch.zeros(6, dtype=torch.long)), 0)
     torch.testing.assert_close(probs, tta.softmax(-1))
+
+
+def test_training_loss_uses_label_smoothing():
+    x, y = _x(), torch.tensor([0, 1, 2, 3])
+    smooth, plain = _module(label_smoothing=0.2), _module()
+    for m in (smooth, plain):
+        m.train()
+    loss = smooth.training_step((x, y, torch.arange(4)), 0)
+    with torch.no_grad():
+        logits = smooth(x)  # train mode: batch statistics, so the same logits as in the step
+    expected = torch.nn.functional.cross_entropy(logits, y, label_smoothing=0.2)
+    assert torch.allclose(loss.detach(), expected, atol=1e-6)
+    unsmoothed = plain.training_step((x, y, torch.arange(4)), 0).detach()
+    assert torch.allclose(unsmoothed, torch.nn.functional.cross_entropy(logits, y), atol=1e-6)
+    assert not torch.allclose(loss.detach(), unsmoothed)  # same weights (seed 0): only the smoothing differs

@@ -109,8 +109,31 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(synthetic_root, wei
     assert_same_run(out, reference)
 
 
-def test_sigterm_saves_exits_and_resumes(synthetic_root, weights_file, reference, tmp_path):
-    step = STEPS_PER_EPOCH + 4  # inside the unfreeze epoch
+def test_sigkill_after_an_epoch_end_resumes_from_the_epoch_end_checkpoint(
+    synthetic_root, weights_file, reference, tmp_path
+):
+    """Only epoch-end saves: the kill in epoch 1 sends the run back to the end of epoch 0 (validated)."""
+    out = tmp_path / "run"
+    step = STEPS_PER_EPOCH + random.Random(7).randrange(1, STEPS_PER_EPOCH - 1)
+    args = [a for a in overrides(synthetic_root, weights_file) if "every_n_train_steps" not in a]
+    args += ["callbacks.last_checkpoint.every_n_train_steps=null", "ckpt_path=last"]
+    killed = run_train(out, *args, "+callbacks.kill._target_=resume_faults.KillAtStep", f"+callbacks.kill.step={step}")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    saved = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == STEPS_PER_EPOCH and saved["epoch"] == 0
+    metrics = train(compose_cfg(args, out))
+    assert metrics["epochs"] == EPOCHS
+    assert_same_run(out, reference)
+
+
+@pytest.mark.parametrize(
+    ("step", "saved_step"),
+    [(STEPS_PER_EPOCH + 4, STEPS_PER_EPOCH + 5), (STEPS_PER_EPOCH - 1, 6)],
+    ids=["mid_epoch", "last_batch_of_an_epoch"],
+)
+def test_sigterm_saves_exits_and_resumes(synthetic_root, weights_file, reference, tmp_path, step, saved_step):
+    """Mid-epoch, the step in flight is finished and saved; at an epoch's last batch (before its
+    validation) the previous checkpoint is kept, so the resumed run validates that epoch."""
     out = tmp_path / "run"
     args = [*overrides(synthetic_root, weights_file), "ckpt_path=last"]
     stopped = run_train(
@@ -125,7 +148,7 @@ def test_sigterm_saves_exits_and_resumes(synthetic_root, weights_file, reference
     status = json.loads((out / "status.json").read_text())
     assert status["status"] == "terminated" and "SIGTERM" in status["error"], status
     saved = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
-    assert saved["global_step"] == step + 1  # the step in flight was finished and saved: nothing lost
+    assert saved["global_step"] == saved_step
     metrics = train(compose_cfg(args, out))
     assert metrics["epochs"] == EPOCHS
     assert_same_run(out, reference)
@@ -166,3 +189,30 @@ def test_resumable_loader_skips_the_batches_already_seen():
     resumed.load_state_dict(state)
     resumed.sampler.set_epoch(3)
     assert len(list(resumed)) == 5
+
+
+def test_last_checkpoint_is_saved_by_time(tmp_path, monkeypatch):
+    """every_n_minutes: a save once that much training time has passed since the last one, not before."""
+    from types import SimpleNamespace
+
+    from resnet_cifar.training import checkpointing
+
+    clock = {"now": 1000.0}
+    monkeypatch.setattr(checkpointing.time, "monotonic", lambda: clock["now"])
+    cb = checkpointing.LastCheckpoint(tmp_path, every_n_train_steps=None, every_n_minutes=2)
+    saves = []
+    monkeypatch.setattr(cb, "save", lambda trainer, why: saves.append((trainer.global_step, why)))
+    batch_progress = SimpleNamespace(is_last_batch=False)
+    trainer = SimpleNamespace(
+        global_step=1,
+        strategy=SimpleNamespace(broadcast=lambda x: x),
+        fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=batch_progress)),
+    )
+    cb.on_train_start(trainer, None)
+    for step, now in ((1, 1060.0), (2, 1119.0), (3, 1120.5)):
+        trainer.global_step, clock["now"] = step, now
+        cb.on_train_batch_end(trainer, None)
+    assert saves == [(3, "periodic")]  # 120.5 s after the start, not at 60 or 119 s
+    batch_progress.is_last_batch, trainer.global_step, clock["now"] = True, 4, 2000.0
+    cb.on_train_batch_end(trainer, None)  # an epoch's last batch: the epoch-end save follows instead
+    assert saves == [(3, "periodic")]
