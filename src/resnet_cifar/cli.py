@@ -27,6 +27,7 @@ from lightning_fabric.utilities.exceptions import MisconfigurationException
 from omegaconf.errors import OmegaConfBaseException
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from resnet_cifar import CONFIG_DIR
 from resnet_cifar.errors import UserError, require_extra
 from resnet_cifar.sweeps import failed_objective, in_multirun, write_status
 
@@ -145,7 +146,8 @@ def command(task: Callable[[Any], Any], config_name: str, sweepable: bool = Fals
     (:func:`~resnet_cifar.sweeps.failed_objective`) instead of stopping the other jobs.
     """
 
-    @hydra.main(version_base="1.3", config_path="conf", config_name=config_name)
+    # An absolute path: the same configs from a checkout, an editable or a regular install.
+    @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=config_name)
     def app(cfg: Any) -> Any:
         failed_value = failed_objective() if sweepable and in_multirun() else None
         return run_task(task, cfg, failed_value=failed_value)
