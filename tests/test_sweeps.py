@@ -15,7 +15,7 @@ import submitit
 import yaml
 from helpers import CONF, REPO, synthetic_overrides
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from hydra.utils import instantiate
 
 # Two training steps, one validation batch: each job takes seconds.
 TINY = [
@@ -161,6 +161,8 @@ def test_submitit_local_launcher_runs_jobs(tmp_path, synthetic_root):
 
 @pytest.mark.parametrize("num_nodes", [1, 2])
 def test_slurm_launcher_config_becomes_sbatch_options(tmp_path, monkeypatch, num_nodes):
+    """The composed hydra/launcher=slurm config through hydra_submitit_launcher's own SlurmLauncher
+    (its parameter mapping, not a copy of it); submission is replaced by writing the sbatch text."""
     overrides = [
         "hydra/launcher=slurm",
         "trainer=ddp",
@@ -169,18 +171,23 @@ def test_slurm_launcher_config_becomes_sbatch_options(tmp_path, monkeypatch, num
         "hydra.launcher.partition=gpu",
         "hydra.launcher.timeout_min=90",
         "hydra.launcher.mem_gb=32",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        f"hydra.launcher.submitit_folder={tmp_path / 'submitit'}",
     ]
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    params = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
-    # as hydra_submitit_launcher's SlurmLauncher passes them to submitit
-    params = {k: v for k, v in params.items() if k not in ("_target_", "submitit_folder", "max_num_timeout")}
+    launcher = instantiate(cfg.hydra.launcher)
+    launcher.config = cfg
     monkeypatch.setattr(submitit.SlurmExecutor, "affinity", classmethod(lambda cls: 2))  # no srun here
-    executor = submitit.AutoExecutor(folder=tmp_path, cluster="slurm")
-    base = {"timeout_min", "name", "mem_gb", "nodes", "cpus_per_task", "gpus_per_node", "tasks_per_node"}
-    base.add("stderr_to_stdout")
-    executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()})
-    sbatch = executor._executor._make_submission_file_text("python train.py", "uid")
+    scripts = []
+
+    def fake_map_array(executor, fn, *args):  # what would be submitted
+        scripts.append(executor._executor._make_submission_file_text("python train.py", "uid"))
+        return []
+
+    monkeypatch.setattr(submitit.AutoExecutor, "map_array", fake_map_array)
+    assert launcher.launch([["optimizer.lr=0.1"]], initial_job_idx=0) == []
+    (sbatch,) = scripts
     for line in (
         "#SBATCH --partition=gpu",
         "#SBATCH --gpus-per-node=4",
