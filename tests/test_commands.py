@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import REPO, run_script, synthetic_overrides
+from helpers import REPO, compose_cfg, run_script, synthetic_overrides
 
 from resnet_cifar import cli
 from resnet_cifar.errors import MissingExtraError, require_extra
@@ -86,14 +86,15 @@ def test_finetune_composes_the_weights_preprocessing_and_lr(tmp_path):
     assert cfg["data"]["image_size"] > 32
     assert cfg["optimizer"]["lr"] == 0.01 and cfg["stage"]["backbone_lr_ratio"] == 0.1
     # From scratch, and for the CIFAR ResNets, CIFAR-10's own statistics and 32x32 stay.
-    for args in (["model=resnet18"], ["model=resnet20", "stage=finetune"]):
-        cfg = yaml.safe_load(run_script("train.py", *args, "--cfg", "job", cwd=tmp_path).stdout)
-        assert cfg["data"]["mean"] == [0.4914, 0.4822, 0.4465] and cfg["data"]["image_size"] == 32
-        assert cfg["optimizer"]["lr"] == 0.1
-    # What the user gives wins over what the weights suggest.
-    args = ["model=resnet18", "stage=finetune", "data.image_size=32", "optimizer.lr=0.003"]
-    cfg = yaml.safe_load(run_script("train.py", *args, "--cfg", "job", cwd=tmp_path).stdout)
-    assert cfg["data"]["image_size"] == 32 and cfg["optimizer"]["lr"] == 0.003
+    for args in (["model=resnet18"], ["model=resnet20", "stage=finetune"], ["model=resnet50", "stage=linear_probe"]):
+        cfg = compose_cfg(args, tmp_path)
+        imagenet = args[-1] == "stage=linear_probe"
+        assert list(cfg.data.mean) == ([0.485, 0.456, 0.406] if imagenet else [0.4914, 0.4822, 0.4465]), args
+        assert cfg.data.image_size == (64 if imagenet else 32) and cfg.optimizer.lr == 0.1, args
+    # What the user gives wins over what the weights suggest, and so does an experiment preset.
+    cfg = compose_cfg(["model=resnet18", "stage=finetune", "data.image_size=32", "optimizer.lr=0.003"], tmp_path)
+    assert cfg.data.image_size == 32 and cfg.optimizer.lr == 0.003
+    assert compose_cfg(["experiment=resnet18_linear_probe"], tmp_path).optimizer.lr == 0.1
 
 
 def test_a_choice_that_needs_a_missing_extra_names_it(monkeypatch):
