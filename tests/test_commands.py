@@ -126,3 +126,16 @@ def test_a_missing_extra_through_the_command_is_one_line(tmp_path):
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "pip install 'resnet-cifar[export]'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_lr_finder_writes_a_plot_and_a_finite_suggestion(synthetic_root, tmp_path):
+    out = tmp_path / "lr_find"
+    overrides = [*synthetic_overrides(synthetic_root), "tune=lr_find", "tune.num_training=30", f"hydra.run.dir={out}"]
+    proc = run_script("train.py", *overrides, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = yaml.safe_load((out / "lr_find.json").read_text())  # JSON is YAML
+    assert len(result["lr"]) == len(result["loss"]) >= 12
+    assert result["lr"] == sorted(result["lr"]) and result["lr"][0] >= 1e-5
+    assert 1e-5 <= result["suggestion"] <= 10 and result["override"] in proc.stdout
+    assert (out / "lr_find.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (out / "checkpoints").exists()  # a range test, not a training run

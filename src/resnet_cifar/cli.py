@@ -164,6 +164,11 @@ def command(task: Callable[[Any], Any], config_name: str, sweepable: bool = Fals
 
 
 def _train(cfg: Any) -> Any:
+    if cfg.get("tune"):  # tune=lr_find: the LR range test instead of training
+        from resnet_cifar.tune import lr_find
+
+        lr_find(cfg)
+        return None
     from resnet_cifar.run import objective, train
 
     return objective(cfg, train(cfg))

@@ -34,6 +34,19 @@ def build_datamodule(data_cfg: DictConfig | dict) -> CIFAR10DataModule:
         raise ConfigError(f"data config: {e}") from None
 
 
+def build_module(cfg: DictConfig, datamodule: CIFAR10DataModule) -> ImageClassifier:
+    return ImageClassifier(
+        model=to_dict(cfg.model),
+        optimizer=to_dict(cfg.optimizer),
+        scheduler=to_dict(cfg.scheduler),
+        stage=to_dict(cfg.stage),
+        num_classes=datamodule.num_classes,
+        label_smoothing=cfg.label_smoothing,
+        class_names=datamodule.class_names,
+        **to_dict(cfg.get("module")),
+    )
+
+
 def _instantiate_all(cfg: DictConfig | None) -> list[Any]:
     """Instantiate every ``_target_`` entry of a callbacks/logger group."""
     if not cfg:
@@ -98,16 +111,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     )  # fmt: skip
 
     datamodule = build_datamodule(cfg.data)
-    module = ImageClassifier(
-        model=to_dict(cfg.model),
-        optimizer=to_dict(cfg.optimizer),
-        scheduler=to_dict(cfg.scheduler),
-        stage=to_dict(cfg.stage),
-        num_classes=datamodule.num_classes,
-        label_smoothing=cfg.label_smoothing,
-        class_names=datamodule.class_names,
-        **to_dict(cfg.get("module")),
-    )
+    module = build_module(cfg, datamodule)
     loggers = _instantiate_all(cfg.get("logger"))
     if not loggers:  # nothing to log learning rates to (LearningRateMonitor would refuse to start)
         callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.LearningRateMonitor)]

@@ -192,6 +192,8 @@ class TrainSchema:
     paths: dict = f()
     # The evaluation report after testing (conf/report/; checked by the report itself).
     report: dict | None = f()
+    # The LR range test (conf/tune/lr_find.yaml; read by resnet_cifar.tune).
+    tune: dict | None = f()
     # Values shared by the transfer-study presets (conf/experiment/_transfer.yaml).
     transfer: dict | None = f()
 

@@ -1,0 +1,74 @@
+"""The learning-rate range test: ``python train.py tune=lr_find`` (Lightning's ``Tuner.lr_find``).
+
+Trains the composed config for ``tune.num_training`` steps while the learning rate grows
+exponentially from ``tune.min_lr`` to ``tune.max_lr`` (Smith 2017), then writes the loss
+against the LR (``lr_find.png``) and the suggestion (``lr_find.json``: the LR of the steepest
+loss descent) to the run directory and prints the override to use. The finder sets every
+parameter group to the same LR, so the suggestion is ``optimizer.lr``, the head's; the
+backbone keeps its ``stage.backbone_lr_ratio`` in the real run.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+from omegaconf import DictConfig
+
+from resnet_cifar.atomic import write_json
+from resnet_cifar.config import to_dict, validate_train_config
+
+log = logging.getLogger(__name__)
+
+
+def lr_find(cfg: DictConfig) -> dict[str, Any]:
+    """Run the range test of ``cfg.tune``; return the suggestion (``None`` if the curve has none)."""
+    from pytorch_lightning.tuner import Tuner
+
+    from resnet_cifar.evaluation.figures import save_png
+    from resnet_cifar.run import build_datamodule, build_module
+
+    validate_train_config(cfg)
+    opts = to_dict(cfg.tune)
+    out_dir = Path(cfg.paths.output_dir)
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule = build_datamodule(cfg.data)
+    module = build_module(cfg, datamodule)
+    trainer: pl.Trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=[], logger=False, enable_checkpointing=False, default_root_dir=str(out_dir)
+    )
+    finder = Tuner(trainer).lr_find(
+        module,
+        datamodule=datamodule,
+        min_lr=opts["min_lr"],
+        max_lr=opts["max_lr"],
+        num_training=opts["num_training"],
+        early_stop_threshold=opts["early_stop_threshold"],
+        update_attr=False,
+    )
+    if finder is None:  # not rank zero
+        return {}
+    suggestion = finder.suggestion()
+    if suggestion is not None and not math.isfinite(suggestion):
+        suggestion = None
+    fig = finder.plot(suggest=suggestion is not None)
+    ax = fig.axes[0]
+    ax.set_title(f"LR range test: {cfg.model.name}, {len(finder.results['lr'])} steps of batch {cfg.data.batch_size}")
+    save_png(fig, out_dir / "lr_find.png")
+    result = {
+        "suggestion": suggestion,
+        "override": None if suggestion is None else f"optimizer.lr={suggestion:.3g}",
+        "lr": finder.results["lr"],
+        "loss": finder.results["loss"],
+        **opts,
+    }
+    write_json(out_dir / "lr_find.json", result, "LR finder results")
+    if suggestion is None:
+        print(f"The loss curve has no clear descent (see {out_dir / 'lr_find.png'}); widen tune.min_lr/max_lr")
+    else:
+        print(f"Suggested learning rate: {result['override']} (plot: {out_dir / 'lr_find.png'})")
+    return {"lr_find/suggestion": suggestion}
