@@ -31,14 +31,15 @@ class MissingExtraError(UserError):
 
 
 def require_extra(modules: tuple[str, ...], extra: str, feature: str) -> None:
-    """Raise :class:`MissingExtraError` naming the extra to install if any of ``modules`` is missing."""
-    from importlib.util import find_spec
+    """Raise :class:`MissingExtraError` naming the extra to install if any of ``modules`` cannot be imported."""
+    from importlib import import_module
 
     def absent(module: str) -> bool:
         try:
-            return find_spec(module) is None
-        except ImportError:  # a missing parent package (e.g. hydra_plugins)
+            import_module(module)
+        except ImportError:  # not installed, or a broken install
             return True
+        return False
 
     missing = [m for m in modules if absent(m)]
     if missing:

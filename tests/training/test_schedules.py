@@ -99,12 +99,12 @@ def test_budget_progress_reads_lightnings_timer_and_its_restored_offset():
 def test_time_budget_needs_max_time_and_fractional_warmup(tmp_path):
     with pytest.raises(ConfigError, match="trainer.max_time"):
         budget_progress(_Trainer([]))
-    budget = ["scheduler.progress=time", "trainer.max_time=00:00:10:00", "scheduler.warmup_epochs=1"]
+    budget = ["++scheduler.progress=time", "trainer.max_time=00:00:10:00"]
     with pytest.raises(ConfigError, match="no length under a time budget"):
-        validate_train_config(compose_cfg(budget, tmp_path))
+        validate_train_config(compose_cfg([*budget, "scheduler.warmup_epochs=1"], tmp_path))
     with pytest.raises(ConfigError, match="needs a wall-clock budget"):
-        validate_train_config(compose_cfg(["scheduler.progress=time", "scheduler.warmup_epochs=0"], tmp_path))
-    validate_train_config(compose_cfg([*budget, "scheduler=onecycle"], tmp_path))  # warm-up as pct_start: fine
+        validate_train_config(compose_cfg(["++scheduler.progress=time", "scheduler.warmup_epochs=0"], tmp_path))
+    validate_train_config(compose_cfg(["scheduler=onecycle", *budget], tmp_path))  # warm-up as pct_start: fine
 
 
 def test_an_unbounded_run_keeps_a_constant_lr_or_says_what_to_set():
