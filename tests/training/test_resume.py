@@ -128,12 +128,12 @@ def test_sigkill_after_an_epoch_end_resumes_from_the_epoch_end_checkpoint(
 
 @pytest.mark.parametrize(
     ("step", "saved_step"),
-    [(STEPS_PER_EPOCH + 4, STEPS_PER_EPOCH + 5), (STEPS_PER_EPOCH - 1, 6)],
+    [(STEPS_PER_EPOCH + 4, STEPS_PER_EPOCH + 5), (STEPS_PER_EPOCH - 1, STEPS_PER_EPOCH)],
     ids=["mid_epoch", "last_batch_of_an_epoch"],
 )
 def test_sigterm_saves_exits_and_resumes(synthetic_root, weights_file, reference, tmp_path, step, saved_step):
-    """Mid-epoch, the step in flight is finished and saved; at an epoch's last batch (before its
-    validation) the previous checkpoint is kept, so the resumed run validates that epoch."""
+    """Mid-epoch, the step in flight is finished and saved; at an epoch's last batch Lightning
+    stops after the epoch's validation and its epoch-end checkpoint, which the resume starts from."""
     out = tmp_path / "run"
     args = [*overrides(synthetic_root, weights_file), "ckpt_path=last"]
     stopped = run_train(

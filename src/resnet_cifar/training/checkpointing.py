@@ -101,11 +101,14 @@ class LastCheckpoint(Checkpoint):
         self._last_save = time.monotonic()
         self._saved_step = -1
         self._pending_rng: dict[str, Any] | None = None
+        self._rng_at_epoch_start = False
+        self._saving_at_epoch_end = False
 
     # ----------------------------------------------------------------- saving
     def save(self, trainer: pl.Trainer, why: str) -> None:
         if trainer.sanity_checking or trainer.fast_dev_run:
             return
+        self._saving_at_epoch_end = why == "epoch end"  # read by state_dict() during the save
         trainer.save_checkpoint(self.path, weights_only=False)  # every rank must call it (DDP); rank 0 writes
         self._last_save, self._saved_step = time.monotonic(), trainer.global_step
         log.debug("Saved %s (%s, step %d)", self.path, why, trainer.global_step)
@@ -147,14 +150,24 @@ class LastCheckpoint(Checkpoint):
 
     # ----------------------------------------------------- random state
     def state_dict(self) -> dict[str, Any]:
-        return {"rng": _rng_state()}
+        return {"rng": _rng_state(), "epoch_end": self._saving_at_epoch_end}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending_rng = state_dict.get("rng")
+        self._rng_at_epoch_start = bool(state_dict.get("epoch_end", False))
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Saved at an epoch end: the uninterrupted run went on from that state into the next
+        # epoch, whose data iterator then drew from the global generator; so restore it here,
+        # before the resumed run creates that iterator.
+        if self._pending_rng is not None and self._rng_at_epoch_start:
+            _set_rng_state(self._pending_rng)
+            self._pending_rng = None
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        # Applied at the first batch after a resume: creating the data iterator draws from
-        # the global generator, which the uninterrupted run did at the epoch start.
+        # Saved mid-epoch: applied at the first batch after the resume, because creating the
+        # data iterator draws from the global generator, which the uninterrupted run did at
+        # the epoch start, before the state was saved.
         if self._pending_rng is not None:
             _set_rng_state(self._pending_rng)
             self._pending_rng = None

@@ -119,7 +119,11 @@ class ImageClassifier(pl.LightningModule):
         self._resumed_metric_states = None
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[metric_state.KEY] = metric_state.collect(self, ("train_acc", "val_acc_best"))
+        # train/acc accumulates within an epoch: only a mid-epoch checkpoint carries it on (a save
+        # after an epoch's last batch would add that epoch's counts to the next one's).
+        at_epoch_end = self._trainer is not None and self.trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        names = ("val_acc_best",) if at_epoch_end else ("train_acc", "val_acc_best")
+        checkpoint[metric_state.KEY] = metric_state.collect(self, names)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._resumed_metric_states = checkpoint.get(metric_state.KEY)
