@@ -11,6 +11,7 @@ torchvision.transforms.v2-on-a-batch row, which draws ONE crop and flip for the 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import itertools
 
 import torch
@@ -111,7 +112,11 @@ def main() -> None:
     pipelines = {"tensor path: BatchAugment (ours, default)": (tensor_path(b), "yes")}
     for w in args.workers:
         pipelines[f"torchvision per-sample v2, {w} DataLoader workers"] = (torchvision_path(b, w), "yes")
-    if not args.no_kornia:
+    if args.no_kornia:
+        pass
+    elif importlib.util.find_spec("kornia") is None:
+        print("kornia is not installed (not a dependency of this project): its row is left out\n")
+    else:
         pipelines["kornia.augmentation on the uint8 batch"] = (kornia_path(b), "yes")
     pipelines["torchvision v2 on the whole batch"] = (v2_batched_path(b), "no: one crop per batch")
 
