@@ -1,11 +1,14 @@
 """Benchmark 2: framework overhead of ``Trainer.fit`` against a bare PyTorch loop.
 
-Both train the same model (ResNet-20) with the same optimizer and per-step LR schedule on the
-same batches of the tensor data path (indexing, augmentation and normalisation included), for
-``--steps`` batches of one epoch. Runs alternate; the table gives the median wall-clock and CPU
-seconds and their ratio to the bare loop.
+Every arm trains the same model (ResNet-20) with the same optimizer and per-step LR schedule on
+the same batches of the tensor data path (indexing, augmentation and normalisation included), for
+``--steps`` batches of one epoch: a bare loop, a bare ``Trainer.fit``, and ``Trainer.fit`` with
+each of train.py's additions (logger, LR monitor, checkpoints, progress bar) and with all of them.
+Arms alternate round by round; the table gives the median wall-clock and CPU seconds over the
+rounds and their ratio to the bare loop.
 
     RESNET_CIFAR_DATA=<dir holding cifar-10-batches-py> python bench/framework_overhead.py --steps 351 --repeats 1
+    RESNET_CIFAR_DATA=<dir holding cifar-10-batches-py> python bench/framework_overhead.py --steps 60 --repeats 3
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, TQ
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from resnet_cifar.data.datamodule import CIFAR10DataModule
+from resnet_cifar.training.checkpointing import LastCheckpoint
 from resnet_cifar.training.module import ImageClassifier
 
 OPTIMIZER = {"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4}
@@ -60,19 +64,28 @@ def bare_loop(dm: CIFAR10DataModule, steps: int) -> None:
         sched.step()
 
 
-def lightning_fit(dm: CIFAR10DataModule, steps: int, full: bool) -> None:
+# What train.py adds to a bare Trainer (conf/callbacks/default.yaml, conf/logger/tensorboard.yaml),
+# one arm per addition so that the table says which costs what. The LR monitor needs a logger: its
+# arm is TensorBoard + LR monitor (its own cost is that arm minus the TensorBoard arm).
+ADDITIONS = {
+    "TensorBoard logger": ("tb",),
+    "TensorBoard + LR monitor": ("tb", "lr"),
+    "checkpoints (best + last.ckpt)": ("ckpt",),
+    "progress bar": ("bar",),
+    "all of the above (train.py)": ("tb", "lr", "ckpt", "bar"),
+}
+
+
+def lightning_fit(dm: CIFAR10DataModule, steps: int, parts: tuple[str, ...]) -> None:
     module = _module()
-    kw: dict = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, callbacks=[])
     tmp = tempfile.TemporaryDirectory()
-    if full:  # what train.py runs with: TensorBoard, checkpoints, LR monitor, progress bar
-        kw = dict(
-            logger=TensorBoardLogger(tmp.name, name="tb"),
-            callbacks=[
-                ModelCheckpoint(dirpath=tmp.name, save_last=True),
-                LearningRateMonitor(logging_interval="step"),
-                TQDMProgressBar(refresh_rate=20),
-            ],
-        )
+    callbacks: list = []
+    if "ckpt" in parts:
+        callbacks += [ModelCheckpoint(dirpath=tmp.name), LastCheckpoint(dirpath=tmp.name, every_n_minutes=10)]
+    if "lr" in parts:
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    if "bar" in parts:
+        callbacks.append(TQDMProgressBar(refresh_rate=20))
     trainer = pl.Trainer(
         accelerator="cpu",
         max_epochs=1,
@@ -81,7 +94,10 @@ def lightning_fit(dm: CIFAR10DataModule, steps: int, full: bool) -> None:
         num_sanity_val_steps=0,
         enable_model_summary=False,
         log_every_n_steps=20,
-        **kw,
+        logger=TensorBoardLogger(tmp.name, name="tb") if "tb" in parts else False,
+        enable_checkpointing="ckpt" in parts,
+        enable_progress_bar="bar" in parts,
+        callbacks=callbacks,
     )
     trainer.fit(module, datamodule=dm)
     tmp.cleanup()
@@ -98,11 +114,10 @@ def main() -> None:
     dm.setup("fit")  # read once, outside the timing (fit's setup is then a no-op)
     runs = {
         "bare PyTorch loop": lambda: bare_loop(dm, args.steps),
-        "Trainer.fit, no logger/checkpoint/progress bar": lambda: lightning_fit(dm, args.steps, full=False),
-        "Trainer.fit, TensorBoard + checkpoint + LR monitor + progress bar": lambda: lightning_fit(
-            dm, args.steps, full=True
-        ),
+        "Trainer.fit, no logger/checkpoint/progress bar": lambda: lightning_fit(dm, args.steps, ()),
     }
+    for name, parts in ADDITIONS.items():
+        runs[f"Trainer.fit + {name}"] = lambda parts=parts: lightning_fit(dm, args.steps, parts)
     bare_loop(dm, 2)  # warm-up: allocator, oneDNN primitives
     wall: dict[str, list[float]] = {k: [] for k in runs}
     cpu: dict[str, list[float]] = {k: [] for k in runs}

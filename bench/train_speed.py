@@ -150,8 +150,7 @@ def main() -> None:
             rates[name].append(fn())
     ref = median(rates["plain loop, NCHW fp32 (reference)"])
     rows = [
-        (name, f"{median(r):.0f}", f"{min(r):.0f}-{max(r):.0f}", f"{median(r) / ref:.2f}x")
-        for name, r in rates.items()
+        (name, f"{median(r):.0f}", f"{min(r):.0f}-{max(r):.0f}", f"{median(r) / ref:.2f}x") for name, r in rates.items()
     ]
     print(
         f"ResNet-20, batch {BATCH}, {args.steps} timed steps (bf16: {max(3, args.steps // 6)}) after "
