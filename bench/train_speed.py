@@ -7,7 +7,8 @@ its ratio to the reference, a plain eager PyTorch loop in NCHW fp32:
 
 - plain loop, NCHW fp32 (the reference) / channels_last / channels_last + torch.compile /
   bf16 autocast (CPU only: what it does without AMX);
-- ``Trainer.fit`` with the module options of ``src/resnet_cifar/conf/train.yaml`` (what ``python train.py`` runs).
+- ``Trainer.fit`` with the module options of ``src/resnet_cifar/conf/train.yaml`` (what ``python train.py`` runs),
+  and the same with ``module.compile=true`` (compiled afresh in each round, inside the warm-up steps).
 
 Compilation is timed separately (the first call of the compiled model, forward and backward).
 
@@ -123,7 +124,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30, help="timed steps per arm and round")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps before each timing")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile arm")
+    p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile arms")
+    p.add_argument("--no-bf16", action="store_true", help="leave out the bf16 autocast arm")
     args = p.parse_args()
     print(f"machine: {machine()}\n")
     dm = CIFAR10DataModule(root=DATA_ROOT, download=False, batch_size=BATCH, seed=0)
@@ -133,8 +135,9 @@ def main() -> None:
     loops = {
         "plain loop, NCHW fp32 (reference)": PlainLoop(dm, channels_last=False, compile=False, bf16=False),
         "plain loop, channels_last": PlainLoop(dm, channels_last=True, compile=False, bf16=False),
-        "plain loop, NCHW, bf16 autocast": PlainLoop(dm, channels_last=False, compile=False, bf16=True),
     }
+    if not args.no_bf16:
+        loops["plain loop, NCHW, bf16 autocast"] = PlainLoop(dm, channels_last=False, compile=False, bf16=True)
     if not args.no_compile:
         loops["plain loop, channels_last + torch.compile"] = PlainLoop(dm, channels_last=True, compile=True, bf16=False)
     # bf16 autocast without AMX/AVX512-BF16 is ~10x slower on a CPU: fewer steps for it
@@ -144,6 +147,10 @@ def main() -> None:
     }
     fit_name = f"train.py default: Trainer.fit, {', '.join(f'{k}={v}' for k, v in options.items())}"
     arms[fit_name] = lambda: trainer_fit(dm, options, args.warmup, args.steps)
+    if not args.no_compile and not options["compile"]:  # the same with module.compile=true
+        arms["train.py with module.compile=true"] = lambda: trainer_fit(
+            dm, {**options, "compile": True}, args.warmup, args.steps
+        )
     rates: dict[str, list[float]] = {k: [] for k in arms}
     for _ in range(args.rounds):
         for name, fn in arms.items():
