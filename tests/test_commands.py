@@ -29,6 +29,7 @@ def installed(tmp_path_factory) -> Path:
     """
     tmp = tmp_path_factory.mktemp("install")
     src = tmp / "src_copy"
+
     def skip(folder: str, names: list[str]) -> set[str]:  # run outputs of the checkout, build leftovers
         top = {".git", "logs", "data", "outputs", "build"} if Path(folder) == REPO else set()
         return {n for n in names if n in top or n.endswith(".egg-info") or n == "__pycache__"}
@@ -141,3 +142,23 @@ def test_lr_finder_writes_a_plot_and_a_finite_suggestion(synthetic_root, tmp_pat
     assert 1e-5 <= result["suggestion"] <= 10 and result["override"] in proc.stdout
     assert (out / "lr_find.png").read_bytes()[:4] == b"\x89PNG"
     assert not (out / "checkpoints").exists()  # a range test, not a training run
+
+
+def test_lr_finder_losses_are_debiased_to_the_real_running_average():
+    """Lightning's own smoothing of a constant loss, corrected: the curve is flat at that loss."""
+    import torch
+    from pytorch_lightning.tuner.lr_finder import _LRCallback
+
+    from resnet_cifar.tune import debias_smoothed_losses
+
+    class Trainer:  # what _LRCallback.on_train_batch_end reads
+        accumulate_grad_batches, should_stop, global_step = 1, False, 0
+        fit_loop = type("FitLoop", (), {"batch_idx": 0})()
+        strategy = type("Strategy", (), {"broadcast": staticmethod(lambda x: x)})()
+
+    callback, trainer = _LRCallback(num_training=60, early_stop_threshold=None), Trainer()
+    for _ in range(60):
+        trainer.global_step += 1  # the optimizer step happens before on_train_batch_end
+        callback.on_train_batch_end(trainer, None, torch.tensor(2.3), None, 0)
+    assert callback.losses[0] < 1.2  # Lightning's curve starts at about half the loss (its bug)
+    assert debias_smoothed_losses(callback.losses) == pytest.approx([2.3] * 60, rel=1e-6)
