@@ -29,6 +29,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from resnet_cifar import CONFIG_DIR
 from resnet_cifar.errors import UserError, require_extra
+from resnet_cifar.progress import show_progress
 from resnet_cifar.sweeps import failed_objective, in_multirun, write_status
 
 log = logging.getLogger("resnet_cifar")
@@ -129,6 +130,10 @@ def preflight(argv: Sequence[str]) -> str | None:
         reason = unwritable_reason(directory)
         if reason:
             return f"{key}={directory} cannot be used as an output directory: {reason}; choose another directory"
+    try:
+        show_progress()  # a bad RESNET_CIFAR_PROGRESS value, said before anything starts
+    except UserError as e:
+        return str(e)
     for prefix, modules, extra in EXTRAS:
         choice = next((a for a in argv if a.lstrip("+").startswith(prefix)), None)
         if choice and not choice.endswith("=null"):
