@@ -23,27 +23,35 @@ from typing import Any
 
 import hydra
 from hydra.errors import InstantiationException
-from lightning_fabric.utilities.exceptions import MisconfigurationException
 from omegaconf.errors import OmegaConfBaseException
-from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from resnet_cifar import CONFIG_DIR
 from resnet_cifar.errors import UserError, require_extra
+from resnet_cifar.progress import show_progress
 from resnet_cifar.sweeps import failed_objective, in_multirun, write_status
 
 log = logging.getLogger("resnet_cifar")
 EXIT_USER_ERROR = 2
 EXIT_TERMINATED = 128 + 15  # the shell's status of a process ended by SIGTERM: not finished, resumable
-USER_ERRORS = (UserError, MisconfigurationException, OmegaConfBaseException)
+
 # Writing an output failed for a reason the user can fix (space, quota, permissions, read-only).
 OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    # Lightning is imported only when a task runs: --help and tab completion (-sc query=bash,
+    # run at every TAB) answer without its seconds of import time.
+    from lightning_fabric.utilities.exceptions import MisconfigurationException
+
+    return (UserError, MisconfigurationException, OmegaConfBaseException)
+
+
 def _user_error_message(e: BaseException) -> str | None:
     """The one-line message of a user error behind ``e`` (incl. a Hydra ``instantiate`` cause), else None."""
-    if isinstance(e, InstantiationException) and isinstance(e.__cause__, USER_ERRORS):
+    user_errors = _user_errors()
+    if isinstance(e, InstantiationException) and isinstance(e.__cause__, user_errors):
         e = e.__cause__
-    if isinstance(e, USER_ERRORS):
+    if isinstance(e, user_errors):
         return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     if isinstance(e, OSError) and e.errno in OUTPUT_ERRNOS:
         return f"cannot write {e.filename or 'an output file'}: {e.strerror}; outputs written before are intact"
@@ -56,6 +64,8 @@ def run_task(task: Callable[..., Any], *args: Any, failed_value: Any = None) -> 
     Every outcome is written to the run directory's ``status.json``. In a multirun, a user
     error or a crash is logged and recorded, and ``failed_value`` returned, so the sweep goes on.
     """
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
     try:
         result = task(*args)
     except SIGTERMException as exc:  # Lightning stopped at a batch end; LastCheckpoint has saved last.ckpt
@@ -129,6 +139,10 @@ def preflight(argv: Sequence[str]) -> str | None:
         reason = unwritable_reason(directory)
         if reason:
             return f"{key}={directory} cannot be used as an output directory: {reason}; choose another directory"
+    try:
+        show_progress()  # a bad RESNET_CIFAR_PROGRESS value, said before anything starts
+    except UserError as e:
+        return str(e)
     for prefix, modules, extra in EXTRAS:
         choice = next((a for a in argv if a.lstrip("+").startswith(prefix)), None)
         if choice and not choice.endswith("=null"):

@@ -26,11 +26,13 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from resnet_cifar.data.preprocess import Preprocess
 from resnet_cifar.errors import ConfigError, DataError, UserError, WeightsError, require_extra
 from resnet_cifar.models.factory import Classifier, build_model
 from resnet_cifar.models.weights import safe_load
+from resnet_cifar.progress import progress_bar
 from resnet_cifar.training.module import ImageClassifier
 
 log = logging.getLogger(__name__)
@@ -148,22 +150,28 @@ def check_exports(
     """
     preprocess = wrapper.preprocess
     x01 = images.float() / 255.0
+    bar = progress_bar(total=1 + len(files), desc="check", unit="format")  # the wrapper, then each file
     with torch.inference_mode():
         ref = module.model(preprocess(images))
         outputs = {"pytorch_wrapper": wrapper(x01)}
+    bar.update()
     if "onnx" in files:
         import onnxruntime as ort
 
         session = ort.InferenceSession(str(files["onnx"]), providers=["CPUExecutionProvider"])
         outputs["onnx"] = torch.from_numpy(session.run(["logits"], {"images": x01.numpy()})[0])
+        bar.update()
     if "torch_export" in files:
         program = torch.export.load(str(files["torch_export"])).module()
         with torch.inference_mode():
             outputs["torch_export"] = program(x01)
+        bar.update()
     if "safetensors" in files:
         model, _ = load_safetensors_model(files["safetensors"])
         with torch.inference_mode():
             outputs["safetensors"] = model(preprocess(images))
+        bar.update()
+    bar.close()
     checks = {}
     for name, out in outputs.items():
         diff = float((out - ref).abs().max())
@@ -195,16 +203,17 @@ def export(cfg: Any) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     example = torch.rand(2, 3, 32, 32)
     files: dict[str, Path] = {}
-    for fmt in formats:
-        path = out_dir / FORMATS[fmt]
-        if fmt == "onnx":
-            export_onnx(wrapper, example, path)
-        elif fmt == "torch_export":
-            export_program(wrapper, example, path)
-        else:
-            save_safetensors(module.model, meta, path)
-        files[fmt] = path
-        log.info("wrote %s", path)
+    with logging_redirect_tqdm():  # the "wrote" lines go above the bar
+        for fmt in progress_bar(formats, desc="export", unit="format"):
+            path = out_dir / FORMATS[fmt]
+            if fmt == "onnx":
+                export_onnx(wrapper, example, path)
+            elif fmt == "torch_export":
+                export_program(wrapper, example, path)
+            else:
+                save_safetensors(module.model, meta, path)
+            files[fmt] = path
+            log.info("wrote %s", path)
     checks = {}
     if int(cfg.check_images) > 0:
         images = test_images(data_hp, str(cfg.data.root), int(cfg.check_images))

@@ -18,11 +18,13 @@ from typing import Any
 
 import torch
 from torchvision.transforms.v2 import functional as TF
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from resnet_cifar.atomic import atomic_write, write_json
 from resnet_cifar.data.cifar10 import CLASSES
 from resnet_cifar.data.preprocess import Preprocess
 from resnet_cifar.errors import ConfigError, UserError
+from resnet_cifar.progress import progress_bar
 from resnet_cifar.training.module import ImageClassifier
 
 log = logging.getLogger(__name__)
@@ -124,17 +126,19 @@ def classify_files(predictor: Predictor, files: list[Path], top_k: int = 3, batc
             result.predictions.append(Prediction(str(f), [predictor.class_names[j] for j in i], p))
         batch.clear()
 
-    for f in files:
-        try:
-            batch.append((f, to_model_input(read_image(f))))
-        except ValueError as e:
-            log.warning("skipped %s: %s", f, e)
-            result.skipped.append((str(f), str(e)))
-            continue
-        if len(batch) == batch_size:
+    # warnings about skipped files go through tqdm.write, above the bar instead of across it
+    with progress_bar(files, desc="predict", unit="image") as bar, logging_redirect_tqdm():
+        for f in bar:
+            try:
+                batch.append((f, to_model_input(read_image(f))))
+            except ValueError as e:
+                log.warning("skipped %s: %s", f, e)
+                result.skipped.append((str(f), str(e)))
+                continue
+            if len(batch) == batch_size:
+                flush()
+        if batch:
             flush()
-    if batch:
-        flush()
     return result
 
 

@@ -19,6 +19,7 @@ from resnet_cifar.data.datamodule import CIFAR10DataModule
 from resnet_cifar.errors import ConfigError, WeightsError
 from resnet_cifar.evaluation.report import save_report
 from resnet_cifar.models.weights import safe_load
+from resnet_cifar.progress import trainer_progress
 from resnet_cifar.schema import DataSchema, check_against
 from resnet_cifar.sweeps import in_multirun
 from resnet_cifar.training.checkpointing import resolve_ckpt_path
@@ -117,7 +118,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.LearningRateMonitor)]
     plugins = _instantiate_all(cfg.get("plugins"))
     trainer: pl.Trainer = hydra.utils.instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins or None
+        cfg.trainer, logger=loggers or False, plugins=plugins or None, **trainer_progress(cfg.trainer, callbacks)
     )
     if loggers:
         log_hyperparameters(trainer, cfg, module)
@@ -175,7 +176,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     overrides = {} if cfg.get("tta_flip") is None else {"tta_flip": cfg.tta_flip}
     module, data_hp = ImageClassifier.load_trained(cfg.ckpt_path, **overrides)
     datamodule = build_datamodule({**data_hp, **to_dict(cfg.data)})
-    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, logger=False)
+    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, logger=False, **trainer_progress(cfg.trainer, []))
     if cfg.get("report"):
         module.enable_report(to_dict(cfg.report))
     results = trainer.test(module, datamodule=datamodule)

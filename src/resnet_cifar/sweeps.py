@@ -31,6 +31,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from resnet_cifar.atomic import write_json
+from resnet_cifar.progress import show_progress
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,50 @@ def load_runs(sweep_dir: str | Path) -> list[dict[str, Any]]:
         row.update({k: status[k] for k in ("error", "error_type") if k in status})
         runs.append({**row, "metrics": metrics})
     return runs
+
+
+def status_line(runs: list[dict[str, Any]], total: int | None = None, unknown: str = "running") -> str:
+    """One line of progress: ``sweep: 3/5 done, 1 failed, 1 running``.
+
+    ``done`` counts the jobs that ended (completed or not), ``failed`` those of them that did not
+    complete, ``unknown`` names the jobs without a ``status.json`` yet.
+    """
+    ended = [r for r in runs if r["status"] != UNKNOWN]
+    failed = sum(r["status"] != COMPLETED for r in ended)
+    line = f"sweep: {len(ended)}{f'/{total}' if total else ''} done, {failed} failed"
+    pending = len(runs) - len(ended)
+    return line + (f", {pending} {unknown}" if pending else "")
+
+
+def planned_jobs(config: DictConfig) -> int | None:
+    """How many jobs the multirun of ``config`` (its ``multirun.yaml``) launches, if known up front.
+
+    The basic sweeper's grid, counted with its own :meth:`BasicSweeper.split_arguments` (a
+    ``glob(...)`` needs the running app's config loader), or an Optuna search's ``n_trials``;
+    ``None`` for other sweepers.
+    """
+    sweeper = OmegaConf.select(config, "hydra.sweeper", default=None)
+    if sweeper is None:
+        return None
+    target = str(sweeper.get("_target_", ""))
+    if "optuna" in target.lower():
+        return int(sweeper.get("n_trials") or 0) or None
+    if not target.endswith("BasicSweeper"):
+        return None
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]
+    loader = GlobalHydra.instance().config_loader() if GlobalHydra.instance().is_initialized() else None
+    try:
+        overrides = OverridesParser.create(config_loader=loader).parse_overrides(
+            [*params, *OmegaConf.select(config, "hydra.overrides.task", default=[])]
+        )
+        return len(BasicSweeper.split_arguments(overrides, None)[0])
+    except Exception as e:  # the count is a nicety: never stop a sweep for it
+        log.debug("cannot count the jobs of the sweep: %s", e)
+        return None
 
 
 def varying_keys(runs: list[dict[str, Any]]) -> list[str]:
@@ -309,6 +354,18 @@ class SweepReport(Callback):
 
     def __init__(self, metric: str | None = None, mode: str = "max", fail_on_error: bool = True) -> None:
         self.metric, self.mode, self.fail_on_error = metric, mode, fail_on_error
+        self.total: int | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.total = planned_jobs(config)
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        """After each job of a multirun, one status line on stderr (when progress is shown)."""
+        if not in_multirun() or not show_progress():
+            return
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        if sweep_dir.is_dir():
+            print(status_line(load_runs(sweep_dir), self.total), file=sys.stderr, flush=True)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
@@ -333,10 +390,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", choices=("max", "min"), default="max")
     args = parser.parse_args(argv)
     try:
-        summarize(args.sweep_dir, args.metric, args.mode)
+        summary = summarize(args.sweep_dir, args.metric, args.mode)
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if show_progress():  # where a sweep that is still running stands
+        saved, total = Path(args.sweep_dir, "multirun.yaml"), None
+        if saved.is_file():
+            from hydra import initialize_config_dir
+
+            from resnet_cifar import CONFIG_DIR
+
+            with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):  # to expand a glob(...)
+                total = planned_jobs(OmegaConf.load(saved))
+        print(status_line(summary["jobs"], total, unknown="running or killed"), file=sys.stderr)
     print(Path(args.sweep_dir, "summary.md").read_text())
     return 0
 

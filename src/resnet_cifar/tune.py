@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 
 from resnet_cifar.atomic import write_json
 from resnet_cifar.config import to_dict, validate_train_config
+from resnet_cifar.progress import trainer_progress
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,11 @@ def lr_find(cfg: DictConfig) -> dict[str, Any]:
     datamodule = build_datamodule(cfg.data)
     module = build_module(cfg, datamodule)
     trainer: pl.Trainer = hydra.utils.instantiate(
-        cfg.trainer, callbacks=[], logger=False, enable_checkpointing=False, default_root_dir=str(out_dir)
+        cfg.trainer,
+        logger=False,
+        enable_checkpointing=False,
+        default_root_dir=str(out_dir),
+        **trainer_progress(cfg.trainer, []),
     )
     finder = Tuner(trainer).lr_find(
         module,

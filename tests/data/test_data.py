@@ -70,12 +70,10 @@ def test_missing_data_without_download_says_where_to_put_it(tmp_path):
 
 
 def test_failed_download_says_where_to_put_the_files(tmp_path, monkeypatch):
-    import torchvision.datasets.utils as tvu
-
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no network")
 
-    monkeypatch.setattr(tvu, "download_and_extract_archive", offline)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     with pytest.raises(DataError, match=r"download failed.*unpack it so that the batches are at"):
         cifar10.ensure_dataset(tmp_path, download=True)
 

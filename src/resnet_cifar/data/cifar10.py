@@ -137,18 +137,28 @@ def ensure_dataset(root: str | Path, download: bool = True) -> Path:
             f"CIFAR-10 not found: {root / FOLDER} lacks {', '.join(missing)}. "
             f"Put the python-version batches at {where}, or set data.download=true"
         )
-    from torchvision.datasets.utils import download_and_extract_archive
+    from torchvision.datasets.utils import check_integrity, extract_archive
 
+    from resnet_cifar.progress import show_progress
+
+    archive, show = root / URL.rsplit("/", 1)[-1], show_progress()
     log.info("Downloading CIFAR-10 from %s to %s", URL, root)
     try:
         root.mkdir(parents=True, exist_ok=True)
-        download_and_extract_archive(URL, str(root), md5=ARCHIVE_MD5, remove_finished=True)
+        if not archive.is_file():
+            # torch.hub's download, not torchvision's download_url: its progress bar can be switched
+            # off (resnet_cifar.progress), and it moves the file into place only once complete.
+            torch.hub.download_url_to_file(URL, str(archive), progress=show)
     except Exception as e:  # network errors come in many types (URLError, OSError, ...)
         raise DataError(
             f"CIFAR-10 is missing from {root} and the download failed ({type(e).__name__}: {e}). "
             f"Download {URL} elsewhere and unpack it so that the batches are at {where}, "
             "or point data.root (env RESNET_CIFAR_DATA) at a folder that holds cifar-10-batches-py"
         ) from None
+    if not check_integrity(str(archive), ARCHIVE_MD5):
+        archive.unlink()
+        raise DataError(f"the download of {URL} is corrupted (its md5 is not {ARCHIVE_MD5}) and was deleted: run again")
+    extract_archive(str(archive), str(root), remove_finished=True)
     if missing_files(root):
         raise DataError(f"the downloaded archive did not contain the expected files at {where}")
     return root / FOLDER

@@ -14,6 +14,7 @@ from torch import nn
 from resnet_cifar.errors import ConfigError, WeightsError
 from resnet_cifar.models.cifar_resnet import CifarResNet
 from resnet_cifar.models.weights import extract_state_dict, load_matching, safe_load
+from resnet_cifar.progress import show_progress
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +71,11 @@ def imagenet_state_dict(name: str, weights: str = "DEFAULT") -> dict[str, torch.
     found = torch.hub.HASH_REGEX.search(target.name)
     expected = found.group(1) if found else ""
     if not target.is_file():
+        show = show_progress()  # torch.hub's download bar on stderr, when watched (resnet_cifar.progress)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             # writes a temporary file and moves it into place once its hash is right
-            torch.hub.download_url_to_file(enum.url, str(target), hash_prefix=expected or None, progress=True)
+            torch.hub.download_url_to_file(enum.url, str(target), hash_prefix=expected or None, progress=show)
         except Exception as e:  # URLError, HTTPError, OSError, a hash mismatch ... (no network here)
             raise WeightsError(
                 f"cannot get the ImageNet weights {name}.{enum.name} ({type(e).__name__}: {str(e)[:120]}). "
