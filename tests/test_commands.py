@@ -162,3 +162,13 @@ def test_lr_finder_losses_are_debiased_to_the_real_running_average():
         callback.on_train_batch_end(trainer, None, torch.tensor(2.3), None, 0)
     assert callback.losses[0] < 1.2  # Lightning's curve starts at about half the loss (its bug)
     assert debias_smoothed_losses(callback.losses) == pytest.approx([2.3] * 60, rel=1e-6)
+
+
+def test_lr_suggestion_is_a_tenth_of_the_lr_at_the_lowest_loss():
+    from resnet_cifar.tune import suggest_lr
+
+    lrs = [10.0**e for e in range(-6, 2)]  # 1e-6 .. 10
+    losses = [2.3, 2.3, 2.31, 2.2, 1.9, 1.5, 1.7, float("nan")]
+    assert suggest_lr(lrs, losses, skip_begin=0) == pytest.approx(0.01)  # lowest loss at 0.1
+    assert suggest_lr(lrs, [0.1, *losses[1:]], skip_begin=1) == pytest.approx(0.01)  # early points skipped
+    assert suggest_lr(lrs, [float("nan")] * 8, skip_begin=0) is None
