@@ -9,13 +9,10 @@ log their figures through :func:`log_figure`; ``run.train`` ends the runs with :
 from __future__ import annotations
 
 import io
-import logging
 from collections.abc import Iterable
 
 from matplotlib.figure import Figure
 from pytorch_lightning.loggers import Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
-
-log = logging.getLogger(__name__)
 
 IMAGE_LOGGERS = (TensorBoardLogger, MLFlowLogger, WandbLogger)
 
@@ -27,7 +24,7 @@ def image_loggers(loggers: Iterable[Logger]) -> list[Logger]:
 
 def _png(fig: Figure) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    fig.savefig(buf, format="png", bbox_inches="tight")  # at the figure's own dpi
     return buf.getvalue()
 
 
