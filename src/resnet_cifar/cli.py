@@ -92,12 +92,25 @@ def run_task(task: Callable[..., Any], *args: Any, failed_value: Any = None) -> 
 
 # Output directories the command line may name; Hydra creates them before the task starts.
 DIR_KEYS = ("hydra.run.dir", "hydra.sweep.dir", "paths.log_dir")
-# Config choices that need an optional dependency group: (override prefix, modules, extra).
+# Config choices that need an optional dependency group: (``group=`` for any option of the group, or
+# ``group=option``, also found in a list such as ``logger=[tensorboard,mlflow]``; modules; extra).
 EXTRAS = (
     ("hparams_search=", ("optuna", "hydra_plugins.hydra_optuna_sweeper"), "search"),
     ("hydra/sweeper=optuna", ("optuna", "hydra_plugins.hydra_optuna_sweeper"), "search"),
     ("hydra/launcher=", ("submitit", "hydra_plugins.hydra_submitit_launcher"), "cluster"),
+    # mlflow-skinny's SQLite store (conf/logger/mlflow.yaml) runs on SQLAlchemy and Alembic
+    ("logger=mlflow", ("mlflow", "sqlalchemy", "alembic"), "mlflow"),
+    ("logger=wandb", ("wandb",), "wandb"),
 )
+
+
+def selects(arg: str, choice: str) -> bool:
+    """Whether the override ``arg`` selects ``choice`` (an :data:`EXTRAS` entry); ``null`` selects nothing."""
+    key, _, value = arg.lstrip("+").partition("=")
+    group, _, option = choice.partition("=")
+    if key != group or not value or value == "null":
+        return False
+    return not option or option in [v.strip() for v in value.strip("[]").split(",")]
 
 
 def output_dirs(argv: Sequence[str]) -> list[tuple[str, str]]:
@@ -144,8 +157,8 @@ def preflight(argv: Sequence[str]) -> str | None:
     except UserError as e:
         return str(e)
     for prefix, modules, extra in EXTRAS:
-        choice = next((a for a in argv if a.lstrip("+").startswith(prefix)), None)
-        if choice and not choice.endswith("=null"):
+        choice = next((a for a in argv if selects(a, prefix)), None)
+        if choice:
             try:
                 require_extra(modules, extra, choice.lstrip("+"))
             except UserError as e:

@@ -22,6 +22,7 @@ from resnet_cifar.models.weights import safe_load
 from resnet_cifar.progress import trainer_progress
 from resnet_cifar.schema import DataSchema, check_against
 from resnet_cifar.sweeps import in_multirun
+from resnet_cifar.training import trackers
 from resnet_cifar.training.checkpointing import resolve_ckpt_path
 from resnet_cifar.training.module import ImageClassifier
 
@@ -120,27 +121,31 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer: pl.Trainer = hydra.utils.instantiate(
         cfg.trainer, logger=loggers or False, plugins=plugins or None, **trainer_progress(cfg.trainer, callbacks)
     )
-    if loggers:
-        log_hyperparameters(trainer, cfg, module)
-
+    failed = True
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-    except SIGTERMException:  # Lightning stops at a batch end; LastCheckpoint has saved last.ckpt
-        log.warning("Resume with: python train.py <same overrides> ckpt_path=last hydra.run.dir=%s", out_dir)
-        raise  # run_task records "terminated" and exits with EXIT_TERMINATED
-    metrics = _floats({k: v for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))})
+        if loggers:
+            log_hyperparameters(trainer, cfg, module)
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        except SIGTERMException:  # Lightning stops at a batch end; LastCheckpoint has saved last.ckpt
+            log.warning("Resume with: python train.py <same overrides> ckpt_path=last hydra.run.dir=%s", out_dir)
+            raise  # run_task records "terminated" and exits with EXIT_TERMINATED
+        metrics = _floats({k: v for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))})
 
-    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-    if cfg.get("test", True) and not trainer.interrupted:
-        ckpt = best if best else None
-        if ckpt is None:
-            log.warning("No best checkpoint was saved; testing the weights at the end of training")
-        if cfg.get("report"):  # accumulated in the test loop, over every process's share
-            module.enable_report(to_dict(cfg.report))
-        results = trainer.test(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
-        metrics.update(_floats(results[0]) if results else {})
-        if cfg.get("report") and trainer.is_global_zero:  # the tested weights: confusion matrix, ECE, figures
-            metrics.update(save_report(module, datamodule, trainer, out_dir / "report", to_dict(cfg.report)))
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        if cfg.get("test", True) and not trainer.interrupted:
+            ckpt = best if best else None
+            if ckpt is None:
+                log.warning("No best checkpoint was saved; testing the weights at the end of training")
+            if cfg.get("report"):  # accumulated in the test loop, over every process's share
+                module.enable_report(to_dict(cfg.report))
+            results = trainer.test(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
+            metrics.update(_floats(results[0]) if results else {})
+            if cfg.get("report") and trainer.is_global_zero:  # the tested weights: confusion matrix, ECE, figures
+                metrics.update(save_report(module, datamodule, trainer, out_dir / "report", to_dict(cfg.report)))
+        failed = False
+    finally:  # W&B's run stays open after the Trainer (see trackers.finish)
+        trackers.finish(loggers, failed)
     metrics["best_ckpt"] = best
     metrics["epochs"] = trainer.current_epoch
     if trainer.is_global_zero:

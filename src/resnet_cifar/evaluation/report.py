@@ -1,5 +1,6 @@
 """The evaluation report's files, for ``eval.py`` and the end of ``train.py``: ``report.md``,
-PNG figures, ``confusion_matrix.csv`` and TensorBoard.
+PNG figures, ``confusion_matrix.csv``, and the same numbers and figures in the run's loggers
+(TensorBoard, MLflow, W&B).
 
 The numbers come from the test loop itself (:class:`~resnet_cifar.evaluation.metrics.ReportMetrics`,
 synchronised across processes); this module only presents them, on rank 0.
@@ -9,12 +10,15 @@ from __future__ import annotations
 
 import csv
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from pytorch_lightning.loggers import Logger, TensorBoardLogger
 
 from resnet_cifar.evaluation import figures
+from resnet_cifar.training.trackers import log_figure
 
 log = logging.getLogger(__name__)
 
@@ -85,17 +89,18 @@ def write_report(
     class_names: list[str],
     out_dir: str | Path,
     options: dict[str, Any],
-    tb_writer: Any = None,
+    loggers: Sequence[Logger] = (),
     step: int = 0,
     title: str = "Evaluation report",
 ) -> dict[str, Any]:
-    """Write ``report.md``, PNGs and ``confusion_matrix.csv`` to ``out_dir`` (and TensorBoard).
+    """Write ``report.md``, PNGs and ``confusion_matrix.csv`` to ``out_dir`` (and to ``loggers``).
 
     Args:
         report: :meth:`ReportMetrics.compute` of the test loop, with ``tta_flip`` set.
         images: the test split's uint8 images, indexed by ``report['mistakes']['index']``.
-        options: the ``report`` config group (``top_confused``, ``tensorboard``, ...).
-        tb_writer: a ``SummaryWriter`` to log the scalars, figures and text to, or None.
+        options: the ``report`` config group (``top_confused``, ``loggers``, ...).
+        loggers: Lightning loggers to log the scalars (``report/*``) and figures to; TensorBoard
+            also gets ``report.md`` as text.
 
     Returns the report (what ``metrics.json`` stores under ``report``).
     """
@@ -127,13 +132,15 @@ def write_report(
     report["figures"] = dict(pngs)
     (out_dir / "report.md").write_text(_markdown(report, pngs, title) + "\n")
 
-    if tb_writer is not None and options["tensorboard"]:
-        for k, v in flat_metrics(report, "report/").items():
-            tb_writer.add_scalar(k, v, step)
+    if options["loggers"]:
+        for lg in loggers:
+            lg.log_metrics(flat_metrics(report, "report/"), step)
         for name, fig in figs.items():
-            tb_writer.add_figure(f"report/{name}", fig, step, close=False)
-        tb_writer.add_text("report/markdown", _markdown(report, {k: k for k in figs}, title), step)
-        tb_writer.flush()
+            log_figure(loggers, f"report/{name}", fig, step)
+        for lg in loggers:
+            if isinstance(lg, TensorBoardLogger):
+                lg.experiment.add_text("report/markdown", _markdown(report, {k: k for k in figs}, title), step)
+            lg.save()  # after the Trainer's own last save (CSV rows, TensorBoard flush)
     log.info("Report written to %s (top1 %.4f, ECE %.4f)", out_dir, report["top1"], report["ece"])
     return report
 
@@ -150,26 +157,23 @@ def save_report(
     """Rank 0, after ``trainer.test`` with ``module.enable_report``: write the report of that test
     loop; return the entries of ``metrics.json`` (flat ``test/*`` scalars plus the full ``report``).
 
-    Figures and scalars go to the trainer's TensorBoard logger at its global step, else to
-    ``tb_dir`` (if given).
+    Figures and scalars go to the trainer's loggers at its global step; a trainer without
+    loggers (``eval.py``) writes them to a TensorBoard log in ``tb_dir`` (if given).
     """
-    from pytorch_lightning.loggers import TensorBoardLogger
-
     if module.test_report is None:
         raise RuntimeError("no report was accumulated: call module.enable_report() before trainer.test()")
     report = {**module.test_report, "tta_flip": bool(module.hparams.get("tta_flip", False))}
-    tb_writer = next((lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
-    own_writer = tb_writer is None and tb_dir is not None and options["tensorboard"]
-    if own_writer:
-        from torch.utils.tensorboard import SummaryWriter
-
-        tb_writer = SummaryWriter(str(tb_dir))
+    loggers = list(trainer.loggers)
+    own = not loggers and tb_dir is not None and options["loggers"]
+    if own:
+        tb_dir = Path(tb_dir)
+        loggers = [TensorBoardLogger(tb_dir.parent, name=tb_dir.name, version="", default_hp_metric=False)]
     try:
         images = datamodule.splits["test"].images
         report = write_report(
-            report, images, datamodule.class_names, out_dir, options, tb_writer, trainer.global_step, title
+            report, images, datamodule.class_names, out_dir, options, loggers, trainer.global_step, title
         )
     finally:
-        if own_writer:
-            tb_writer.close()
+        if own:
+            loggers[0].finalize("success")
     return {**flat_metrics(report), "report": report}

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import torch
 from pytorch_lightning import Callback, LightningModule, Trainer
-from pytorch_lightning.loggers import TensorBoardLogger
 
 from resnet_cifar.evaluation.figures import image_grid_figure
+from resnet_cifar.training.trackers import image_loggers, log_figure
 
 
 class ValidationPredictionGrid(Callback):
     """Every ``every_n_epochs`` (and after the last epoch), log a grid of the same validation
-    images with predicted class, probability and true class to TensorBoard (``val/predictions``).
+    images with predicted class, probability and true class as ``val/predictions`` to every
+    logger that takes images (TensorBoard, MLflow, W&B: :func:`~resnet_cifar.training.trackers.log_figure`).
 
     The images are fixed for the whole run (round-robin over classes in validation order), so
-    the grids of successive epochs show how the predictions change. Without a TensorBoard
-    logger or a validation split it does nothing.
+    the grids of successive epochs show how the predictions change. Without such a logger
+    or a validation split it does nothing.
     """
 
     def __init__(self, every_n_epochs: int = 5, num_images: int = 16, ncols: int = 8) -> None:
@@ -41,10 +42,9 @@ class ValidationPredictionGrid(Callback):
         last = trainer.max_epochs is not None and trainer.max_epochs > 0 and epoch + 1 >= trainer.max_epochs
         if (epoch + 1) % self.every_n_epochs and not last:
             return
-        tb = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
         dm = trainer.datamodule
         split = getattr(dm, "splits", {}).get("val") if dm is not None else None
-        if tb is None or split is None or len(split) == 0:
+        if not image_loggers(trainer.loggers) or split is None or len(split) == 0:
             return
         if self._positions is None:
             self._positions = self._pick(split.labels[split.indices])
@@ -59,4 +59,4 @@ class ValidationPredictionGrid(Callback):
         titles = [f"{names[p]} ({c:.2f})\ntrue: {names[t]}" for p, c, t in zip(pred.tolist(), conf.tolist(), labels)]
         colours = ["tab:green" if p == t else "tab:red" for p, t in zip(pred.tolist(), labels.tolist())]
         fig = image_grid_figure(images.cpu(), titles, colours, ncols=self.ncols)
-        tb.experiment.add_figure("val/predictions", fig, global_step=trainer.global_step)
+        log_figure(trainer.loggers, "val/predictions", fig, trainer.global_step)
