@@ -84,10 +84,11 @@ VARIANT_BUDGETS = ("50", "250")
 
 # ------------------------------------------------------------ cost model
 # Seconds a cell takes, predicted from the images it processes (print with --plan). Relative
-# costs of the three kinds of image work, on ResNet-20 32x32 with channels_last on the 2-core CPU:
-# `python bench/transfer_study.py --calibrate` (forward+backward+SGD step at batch 128 = 1).
-FROZEN_COST = 0.30  # linear_probe / finetune's head-only epochs: backbone forward under no_grad, head step
-EVAL_COST = 0.25  # validation / test forward (batch 500); flip TTA doubles the images
+# costs of the three kinds of image work, on ResNet-20 32x32 with channels_last on the 2-core CPU
+# (forward+backward+SGD step at batch 128 = 1; measured at 183 images/s by
+# `python bench/transfer_study.py --calibrate`, with other jobs on the machine):
+FROZEN_COST = 0.28  # linear_probe / finetune's head-only epochs: backbone forward under no_grad, head step
+EVAL_COST = 0.33  # validation / test forward (batch 500); flip TTA doubles the images
 START_S = 6.0  # per run: composing, loading CIFAR-10, building the Trainer, writing checkpoints
 TRAIN_IMAGES_PER_S = 180.0  # train.py's path on the 2-core CPU (BENCHMARKS.md); --images-per-s
 

@@ -174,6 +174,12 @@ def build_scheduler(
     steps_per_epoch = total_steps / max_epochs if max_epochs and max_epochs > 0 else total_steps
     warmup = min(total_steps - 1, round(cfg.get("warmup_epochs", 0) * steps_per_epoch))
     if name == "onecycle":
+        pct = cfg.get("pct_start", 0.25)
+        if pct * total_steps <= 1:  # torch's OneCycleLR divides by zero there (its warm-up has no length)
+            raise ConfigError(
+                f"scheduler=onecycle with pct_start={pct} needs more than {math.floor(1 / pct)} steps, but this run "
+                f"has {total_steps}: train longer (trainer.max_epochs) or raise scheduler.pct_start"
+            )
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer,
             max_lr=[g["lr"] for g in optimizer.param_groups],
