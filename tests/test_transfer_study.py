@@ -31,6 +31,17 @@ def test_plan_rule_on_the_real_split_sizes():
         study.make_plan("20", 100, 5, 128, source_steps)
 
 
+def test_aggregate_is_the_mean_and_sample_std_over_seeds():
+    runs = [
+        {"test_acc": a, "seconds": t, "steps": 100, "seed": i}
+        for i, (a, t) in enumerate([(0.5, 60), (0.7, 90), (0.6, 30)])
+    ]
+    agg = study.aggregate(runs)
+    assert agg["mean"] == pytest.approx(0.6) and agg["std"] == pytest.approx(0.1)  # n-1: sqrt(0.02 / 2)
+    assert (agg["min"], agg["max"], agg["seconds_mean"], agg["seconds_total"], agg["n"]) == (0.5, 0.7, 60, 180, 3)
+    assert study.aggregate(runs[:1])["std"] == 0.0
+
+
 def test_study_end_to_end_on_synthetic_data(synthetic_root, tmp_path, caplog):
     """Source, 2 budgets x 3 stages x 2 seeds, one finetune variant: cells, aggregate, table, README, plot."""
     readme = tmp_path / "README.md"
