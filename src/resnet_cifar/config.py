@@ -49,6 +49,17 @@ def check_combinations(cfg: DictConfig) -> None:
             f"stage.unfreeze_at_epoch={stage.unfreeze_at_epoch} must be < trainer.max_epochs={max_epochs}, "
             "or the backbone never trains (use stage=linear_probe for that)"
         )
+    warmup_bb = stage.get("backbone_warmup_epochs", 0) or 0
+    if warmup_bb and stage.name != "finetune":
+        raise ConfigError(
+            f"stage.backbone_warmup_epochs={warmup_bb} warms up a backbone that joins mid-run, "
+            f"which only stage=finetune has (stage={stage.name}): set it to 0, or use scheduler.warmup_epochs"
+        )
+    if warmup_bb and max_epochs and max_epochs > 0 and stage.unfreeze_at_epoch + warmup_bb > max_epochs:
+        raise ConfigError(
+            f"stage.unfreeze_at_epoch={stage.unfreeze_at_epoch} + stage.backbone_warmup_epochs={warmup_bb} must be "
+            f"<= trainer.max_epochs={max_epochs} (the backbone's warm-up never ends)"
+        )
     if stage.pretrained and not (model.get("pretrained") or model.get("weights_path")):
         hint = (
             "set model.weights_path=<checkpoint or state dict>"

@@ -129,6 +129,7 @@ class StageSchema:
     pretrained: bool = f()
     unfreeze_at_epoch: int = f(check=_rng(0, 100_000))
     backbone_lr_ratio: float = f(check=_rng(0, 10, lo_open=True))
+    backbone_warmup_epochs: float = f(check=_rng(0, 100_000))
 
 
 @dataclass

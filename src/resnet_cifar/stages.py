@@ -22,13 +22,16 @@ class FreezeSchedule:
     - ``linear_probe``: the backbone is frozen for the whole run (weights and batch-norm
       statistics); only the head trains.
     - ``finetune``: the head trains alone for ``unfreeze_at_epoch`` epochs, then the
-      backbone joins at ``backbone_lr_ratio`` times the head's learning rate.
+      backbone joins at ``backbone_lr_ratio`` times the head's learning rate; with
+      ``backbone_warmup_epochs`` > 0 the backbone's rate ramps up linearly from 0 over that
+      many epochs from the unfreeze point (see :class:`~resnet_cifar.training.optim.BackboneWarmup`).
     """
 
     name: str = "scratch"
     pretrained: bool = False
     unfreeze_at_epoch: int = 0
     backbone_lr_ratio: float = 1.0
+    backbone_warmup_epochs: float = 0.0
 
     @property
     def backbone_in_optimizer(self) -> bool:

@@ -133,6 +133,7 @@ def test_linear_probe_keeps_the_source_backbone_and_finetune_moves_it(synthetic_
     source = train(compose_cfg(["experiment=transfer_source", *base, "data.val_size=100"], tmp_path / "source"))
     src = extract_state_dict(safe_load(source["best_ckpt"]))
     target = [*base, "data.val_size=100", "data.train_per_class=20", f"model.weights_path={source['best_ckpt']}"]
+    target += ["trainer.max_epochs=4", "stage.unfreeze_at_epoch=1"]  # 8 steps: one-cycle needs > 4
 
     def trained(stage: str) -> dict[str, torch.Tensor]:  # the weights at the end of training
         train(compose_cfg([f"experiment=transfer_{stage}", *target], tmp_path / stage))

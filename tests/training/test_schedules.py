@@ -52,6 +52,14 @@ def test_onecycle_peaks_at_pct_start():
     assert lrs[-1] < 0.2 / 25 / 1e3
 
 
+def test_onecycle_too_short_for_its_warmup_is_a_config_error():
+    """torch's OneCycleLR divides by zero when pct_start * total_steps <= 1 (e.g. 4 steps at 0.25)."""
+    cfg = {"name": "onecycle", "pct_start": 0.25}
+    assert len(_lrs(cfg, total=5)) == 5
+    with pytest.raises(ConfigError, match=r"scheduler=onecycle with pct_start=0.25 needs more than 4 steps, but .* 4"):
+        _lrs(cfg, total=4)
+
+
 def test_time_budget_schedule_follows_the_clock_not_the_steps():
     cfg = {"name": "onecycle", "pct_start": 0.25, "div_factor": 25.0, "final_div_factor": 1e4, "progress": "time"}
     clock = {"t": 0.0}

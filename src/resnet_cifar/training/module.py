@@ -17,7 +17,13 @@ from resnet_cifar.models.factory import build_model
 from resnet_cifar.models.weights import safe_load
 from resnet_cifar.stages import FreezeSchedule
 from resnet_cifar.training import metric_state
-from resnet_cifar.training.optim import budget_progress, build_optimizer, build_scheduler
+from resnet_cifar.training.optim import (
+    budget_progress,
+    build_optimizer,
+    build_scheduler,
+    steps_per_epoch,
+    with_backbone_warmup,
+)
 
 
 class ImageClassifier(pl.LightningModule):
@@ -198,6 +204,12 @@ class ImageClassifier(pl.LightningModule):
             max_epochs=self.trainer.max_epochs,
             time_progress=budget_progress(self.trainer) if by_time else None,
         )
+        warmup = self.schedule.backbone_warmup_epochs
+        if warmup and self.schedule.backbone_in_optimizer:
+            self.trainer.estimated_stepping_batches  # noqa: B018 (sets up the train loader: its length)
+            per_epoch = steps_per_epoch(self.trainer)
+            start = self.schedule.unfreeze_at_epoch * per_epoch
+            scheduler = with_backbone_warmup(scheduler, optimizer, start, max(1, round(warmup * per_epoch)))
         if scheduler is None:
             return {"optimizer": optimizer}
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -2,8 +2,9 @@
 
 The LR of each parameter group is assembled here and nowhere else: the head's is
 ``optimizer.lr * lr_scale(module.lr_scaling, world_size)``, the backbone's that times
-``stage.backbone_lr_ratio``; schedules multiply the groups' LRs per step. Values arrive
-checked by the config schema (:mod:`resnet_cifar.schema`).
+``stage.backbone_lr_ratio``; schedules multiply the groups' LRs per step, and
+``stage.backbone_warmup_epochs`` multiplies the backbone's once more (:class:`BackboneWarmup`).
+Values arrive checked by the config schema (:mod:`resnet_cifar.schema`).
 """
 
 from __future__ import annotations
@@ -173,6 +174,12 @@ def build_scheduler(
     steps_per_epoch = total_steps / max_epochs if max_epochs and max_epochs > 0 else total_steps
     warmup = min(total_steps - 1, round(cfg.get("warmup_epochs", 0) * steps_per_epoch))
     if name == "onecycle":
+        pct = cfg.get("pct_start", 0.25)
+        if pct * total_steps <= 1:  # torch's OneCycleLR divides by zero there (its warm-up has no length)
+            raise ConfigError(
+                f"scheduler=onecycle with pct_start={pct} needs more than {math.floor(1 / pct)} steps, but this run "
+                f"has {total_steps}: train longer (trainer.max_epochs) or raise scheduler.pct_start"
+            )
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer,
             max_lr=[g["lr"] for g in optimizer.param_groups],
@@ -222,3 +229,55 @@ def _time_shape(cfg: dict[str, Any]) -> WarmupDecay:
         gamma=cfg.get("gamma", 0.1),
         min_lr_ratio=cfg.get("min_lr_ratio", 0.0),
     )
+
+
+class BackboneWarmup(torch.optim.lr_scheduler.LRScheduler):
+    """Multiplies the backbone groups' LRs by a linear ramp from 0 to 1 that starts at ``start_step``.
+
+    At optimizer step ``k`` the factor is ``clip((k - start_step + 1) / steps, 0, 1)``: 0 while
+    the backbone is frozen, ``1/steps`` at its first step, 1 from ``start_step + steps - 1`` on;
+    the head's groups keep factor 1. It runs after the main schedule in a ``ChainedScheduler``
+    (:func:`with_backbone_warmup`) and multiplies the LRs that schedule has just set. That is
+    exact because every schedule built here sets its LRs in closed form from the base LRs
+    (``LambdaLR``, ``OneCycleLR``), so the factor never compounds. torch has no per-group
+    multiplicative warm-up that composes with ``OneCycleLR``: this class fills that gap.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, start_step: int, steps: int) -> None:
+        self.start_step, self.steps = int(start_step), max(1, int(steps))
+        super().__init__(optimizer)
+
+    def factor(self, step: int) -> float:
+        return min(1.0, max(0.0, (step - self.start_step + 1) / self.steps))
+
+    def get_lr(self) -> list[float]:
+        f = self.factor(self.last_epoch)
+        return [g["lr"] * f if is_backbone_group(g) else g["lr"] for g in self.optimizer.param_groups]
+
+
+def is_backbone_group(group: dict[str, Any]) -> bool:
+    """``backbone`` and ``backbone_no_decay`` of :func:`param_groups`."""
+    return str(group.get("name", "")).startswith("backbone")
+
+
+def with_backbone_warmup(
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    optimizer: torch.optim.Optimizer,
+    start_step: int,
+    steps: int,
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """``scheduler`` (a constant LR when None) followed by :class:`BackboneWarmup`, stepped together."""
+    if scheduler is None:  # the constant schedule, in closed form (see BackboneWarmup)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupDecay(1, kind="none"))
+    return torch.optim.lr_scheduler.ChainedScheduler([scheduler, BackboneWarmup(optimizer, start_step, steps)])
+
+
+def steps_per_epoch(trainer: Any) -> int:
+    """Optimizer steps in one training epoch (after ``trainer.estimated_stepping_batches`` set up the data)."""
+    batches = trainer.num_training_batches
+    if not math.isfinite(batches):
+        raise ConfigError(
+            "stage.backbone_warmup_epochs needs epochs of known length, but the training loader has no len(): "
+            "set stage.backbone_warmup_epochs=0"
+        )
+    return max(1, math.ceil(batches / trainer.accumulate_grad_batches))
