@@ -298,6 +298,7 @@ def test_every_readme_error_row_through_a_real_run(synthetic_root, tmp_path):
         ),
         "stage=linear_probe freezes": (["model=resnet18", "stage=linear_probe", "model.cifar_stem=true"], {}),
         "scheduler.progress=time": (["++scheduler.progress=time", "scheduler.warmup_epochs=0"], {}),
+        "stage.backbone_warmup_epochs=<n> warms up": (["stage.backbone_warmup_epochs=1"], {}),
         "<TORCH_HOME>/hub/checkpoints": (
             ["model=resnet18", "model.pretrained=true"],
             {"TORCH_HOME": str(tmp_path / "torch_home")},

@@ -38,12 +38,20 @@ EXIT_TERMINATED = 128 + 15  # the shell's status of a process ended by SIGTERM: 
 OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    # Lightning is imported only when a task runs: --help and tab completion (-sc query=bash,
-    # run at every TAB) answer without its seconds of import time.
-    from lightning_fabric.utilities.exceptions import MisconfigurationException
+def _lightning_exception(module: str, name: str) -> type[BaseException] | None:
+    """The exception class ``module.name`` if Lightning is already imported, else None.
 
-    return (UserError, MisconfigurationException, OmegaConfBaseException)
+    Lightning is imported only when a task needs it (~6 s here): ``--help``, tab completion (run
+    at every TAB) and a config error answer without it, and an exception raised before Lightning
+    was imported cannot be one of Lightning's.
+    """
+    loaded = sys.modules.get(module)
+    return getattr(loaded, name, None) if loaded is not None else None
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    misconfiguration = _lightning_exception("lightning_fabric.utilities.exceptions", "MisconfigurationException")
+    return (UserError, OmegaConfBaseException, *([misconfiguration] if misconfiguration else []))
 
 
 def _user_error_message(e: BaseException) -> str | None:
@@ -64,15 +72,15 @@ def run_task(task: Callable[..., Any], *args: Any, failed_value: Any = None) -> 
     Every outcome is written to the run directory's ``status.json``. In a multirun, a user
     error or a crash is logged and recorded, and ``failed_value`` returned, so the sweep goes on.
     """
-    from pytorch_lightning.utilities.exceptions import SIGTERMException
-
     try:
         result = task(*args)
-    except SIGTERMException as exc:  # Lightning stopped at a batch end; LastCheckpoint has saved last.ckpt
-        log.warning("Stopped by SIGTERM")
-        write_status("terminated", exc, "stopped by SIGTERM (signal 15); resumable with ckpt_path=last")
-        sys.exit(EXIT_TERMINATED)
     except Exception as exc:
+        sigterm = _lightning_exception("pytorch_lightning.utilities.exceptions", "SIGTERMException")
+        if sigterm is not None and isinstance(exc, sigterm):
+            # Lightning stopped at a batch end; LastCheckpoint has saved last.ckpt
+            log.warning("Stopped by SIGTERM")
+            write_status("terminated", exc, "stopped by SIGTERM (signal 15); resumable with ckpt_path=last")
+            sys.exit(EXIT_TERMINATED)
         message = _user_error_message(exc)
         if message is None:  # a crash: keep its traceback
             write_status("failed", exc, f"{type(exc).__name__}: {exc}".strip().splitlines()[0])
@@ -191,6 +199,9 @@ def command(task: Callable[[Any], Any], config_name: str, sweepable: bool = Fals
 
 
 def _train(cfg: Any) -> Any:
+    from resnet_cifar.config import validate_train_config
+
+    validate_train_config(cfg)  # before Lightning's import: a bad value is reported in seconds
     if cfg.get("tune"):  # tune=lr_find: the LR range test instead of training
         from resnet_cifar.tune import lr_find
 

@@ -23,7 +23,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Union
 
-from resnet_cifar.data.datamodule import LOADERS
+from resnet_cifar.data.loader import LOADERS
 from resnet_cifar.errors import ConfigError
 from resnet_cifar.models.factory import MODELS
 from resnet_cifar.stages import STAGES

@@ -20,6 +20,7 @@ import csv
 import json
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -50,9 +51,12 @@ def in_multirun() -> bool:
 
 
 def _is_rank_zero() -> bool:
-    from lightning_fabric.utilities.rank_zero import rank_zero_only
-
-    return getattr(rank_zero_only, "rank", 0) == 0
+    """Lightning's rank once it is imported; before that (a config error), no other rank exists
+    yet unless a launcher set a rank (torchrun, SLURM tasks, Lightning's DDP subprocesses)."""
+    rank_zero = sys.modules.get("lightning_fabric.utilities.rank_zero")
+    if rank_zero is not None:
+        return getattr(rank_zero.rank_zero_only, "rank", 0) == 0
+    return all(int(os.environ.get(k) or 0) == 0 for k in ("RANK", "SLURM_PROCID", "LOCAL_RANK"))
 
 
 def write_status(status: str, error: BaseException | None = None, message: str | None = None) -> Path | None:

@@ -1,5 +1,5 @@
-"""CIFAR-10: reading, splits, batched augmentation and the LightningDataModule."""
+"""CIFAR-10: reading, splits, batched augmentation and the LightningDataModule (``datamodule``).
 
-from resnet_cifar.data.datamodule import CIFAR10DataModule
-
-__all__ = ["CIFAR10DataModule"]
+Nothing is imported here: the config check imports ``data.loader`` and must not pay for
+Lightning's import (~6 s on a 2-core CPU) before it can reject a bad value.
+"""

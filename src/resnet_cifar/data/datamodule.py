@@ -32,7 +32,6 @@ log = logging.getLogger(__name__)
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-LOADERS = ("tensor", "torchvision")
 
 
 class IndexedImages(Dataset):

@@ -23,6 +23,8 @@ from torch.utils.data import DataLoader
 
 log = logging.getLogger(__name__)
 
+LOADERS = ("tensor", "torchvision")  # data.loader: the batched uint8 tensor path, torchvision per-sample
+
 
 class ResumableLoader(DataLoader):
     """``DataLoader`` with ``state_dict() == {"epoch": e, "batches": n}``: ``n`` batches of epoch ``e`` were yielded.
