@@ -74,13 +74,15 @@ def run_task(task: Callable[..., Any], *args: Any, failed_value: Any = None) -> 
     """
     try:
         result = task(*args)
-    except Exception as exc:
+    except SystemExit as exc:  # Lightning's SIGTERMException is a SystemExit
         sigterm = _lightning_exception("pytorch_lightning.utilities.exceptions", "SIGTERMException")
-        if sigterm is not None and isinstance(exc, sigterm):
-            # Lightning stopped at a batch end; LastCheckpoint has saved last.ckpt
-            log.warning("Stopped by SIGTERM")
-            write_status("terminated", exc, "stopped by SIGTERM (signal 15); resumable with ckpt_path=last")
-            sys.exit(EXIT_TERMINATED)
+        if sigterm is None or not isinstance(exc, sigterm):
+            raise
+        # Lightning stopped at a batch end; LastCheckpoint has saved last.ckpt
+        log.warning("Stopped by SIGTERM")
+        write_status("terminated", exc, "stopped by SIGTERM (signal 15); resumable with ckpt_path=last")
+        sys.exit(EXIT_TERMINATED)
+    except Exception as exc:
         message = _user_error_message(exc)
         if message is None:  # a crash: keep its traceback
             write_status("failed", exc, f"{type(exc).__name__}: {exc}".strip().splitlines()[0])
