@@ -49,8 +49,8 @@ def suggest_lr(lrs: list[float], losses: list[float], skip_begin: int = 10) -> f
     Not Lightning's ``suggestion()`` (the LR of the steepest loss gradient): where the loss stays
     near its starting value over most of the range, as for a network trained from scratch, that
     gradient is decided by noise: on ResNet-20 / CIFAR-10 it picked 4.6e-5, a wiggle on the flat
-    start of the curve; the minimum of the curve is where the loss really falls most. The first ``skip_begin`` points, where the
-    running average is still young, are ignored.
+    start of the curve; the minimum of the curve is where the loss really falls most. The first
+    ``skip_begin`` points, where the running average is still young, are ignored.
     """
     points = [(loss, lr) for lr, loss in zip(lrs[skip_begin:], losses[skip_begin:]) if math.isfinite(loss)]
     return min(points)[1] / 10 if points else None
