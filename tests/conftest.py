@@ -9,9 +9,26 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import N_TEST, N_TRAIN, REAL_DATA, synthetic_split
 
 from resnet_cifar.data.cifar10 import write_batches
+
+
+def _share_the_cpus_between_workers() -> None:
+    """Under pytest-xdist (``-n auto``), each worker and the scripts it starts use its share of
+    the CPUs: torch's default of one thread per CPU in every worker would oversubscribe the
+    cores, and OpenMP threads spinning on a busy core slow everyone down. Lightning's CPU DDP
+    keeps an ``OMP_NUM_THREADS`` that is set, so its processes get one thread each."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = max(1, cpus // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
+_share_the_cpus_between_workers()
 
 
 @pytest.fixture(autouse=True, scope="session")
