@@ -14,8 +14,8 @@ import torch
 DATA_ROOT = os.environ.get("RESNET_CIFAR_DATA", "data")
 
 
-def machine() -> str:
-    """One line naming the machine the numbers come from."""
+def machine(with_load: bool = True) -> str:
+    """One line naming the machine the numbers come from (and its load average now)."""
     try:
         model = next(
             line.split(":", 1)[1].strip()
@@ -24,11 +24,11 @@ def machine() -> str:
         )
     except (OSError, StopIteration):
         model = platform.processor() or "unknown CPU"
+    line = f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    if not with_load:
+        return line
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (
-        f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"load average {load:.1f} at start"
-    )
+    return f"{line}, load average {load:.1f} at start"
 
 
 def cpu_seconds() -> float:

@@ -22,10 +22,12 @@ import argparse
 import json
 import logging
 import math
+import os
 import re
 import shlex
 import statistics
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,7 +35,10 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "bench"))  # _common, also when the tests import this file by path
 
+import torch  # noqa: E402
+from _common import machine  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
@@ -204,6 +209,32 @@ def plan_overrides(cell: Cell, plan: Plan, source_ckpt: str) -> list[str]:
 
 
 # ------------------------------------------------------------------ runs
+class LoadPeak:
+    """The highest 1-minute load average seen while a run trains (sampled every 5 s).
+
+    The run's own training keeps about as many cores busy as torch has threads (2 on the 2-core
+    CPU); a peak well above that means something else was computing and the run's time is not
+    trustworthy (its accuracy is: seeded runs give the same numbers under any load).
+    """
+
+    def __init__(self, every_s: float = 5.0) -> None:
+        self.every_s, self.peak, self._stop = every_s, os.getloadavg()[0], threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.peak = max(self.peak, os.getloadavg()[0])
+
+    def __enter__(self) -> LoadPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, os.getloadavg()[0])
+
+
 def run_one(name: str, overrides: list[str], run_dir: Path, report_only: bool = False) -> dict | None:
     """Train one run in-process (or reuse its finished result); return its summary.
 
@@ -218,8 +249,10 @@ def run_one(name: str, overrides: list[str], run_dir: Path, report_only: bool = 
     resumed_at = int(safe_load(last).get("global_step", 0)) if last.is_file() else 0
     cfg = compose_cfg([*overrides, *(["ckpt_path=last"] if last.is_file() else [])], run_dir)
     log.info("%s: python train.py %s", name, " ".join(overrides))
+    load_before = os.getloadavg()[0]
     start = time.perf_counter()
-    metrics = train(cfg)
+    with LoadPeak() as load:
+        metrics = train(cfg)
     seconds = time.perf_counter() - start
     steps = int(safe_load(last).get("global_step", -1)) if last.is_file() else -1
     result = {
@@ -231,6 +264,9 @@ def run_one(name: str, overrides: list[str], run_dir: Path, report_only: bool = 
         "steps": steps,
         "seconds": seconds,
         "resumed_at_step": resumed_at,  # > 0: `seconds` covers only the part after the restart
+        "load_before": round(load_before, 2),  # 1-minute load average
+        "load_peak": round(load.peak, 2),
+        "machine": machine(with_load=False),
     }
     done.write_text(json.dumps(result, indent=2) + "\n")
     return result
@@ -356,6 +392,22 @@ def plot(rows: list[str], budgets: list[str], agg: dict, plans: dict, finetune_c
     plt.close(fig)
 
 
+def load_note(source: dict, results: dict[tuple[str, str], list[dict]]) -> str:
+    """The load the runs saw (recorded per run since the script samples it), in one sentence."""
+    runs = [source, *(r for v in results.values() for r in v)]
+    seen = [r for r in runs if "load_peak" in r]
+    text = (
+        f"1-minute load average over {len(seen)} run(s): at most {max(r['load_before'] for r in seen):.2f} "
+        f"when one started, peak {max(r['load_peak'] for r in seen):.2f} during one (its own training "
+        f"keeps ~{torch.get_num_threads()} cores busy)."
+        if seen
+        else ""
+    )
+    if len(seen) < len(runs):
+        text += f" {len(runs) - len(seen)} run(s) ran before the script recorded the load."
+    return text.strip()
+
+
 def update_readme(readme: Path, block: str) -> None:
     text = readme.read_text()
     if BEGIN not in text or END not in text:
@@ -367,6 +419,7 @@ def update_readme(readme: Path, block: str) -> None:
 def command_line(argv: list[str]) -> str:
     """This command as typed, with absolute paths under the checkout made relative (no machine paths)."""
     shown = [str(Path(a).relative_to(REPO)) if a.startswith(str(REPO) + "/") else a for a in argv]
+    shown = [a for a in shown if a != "--report-only"]  # the command that trains what is reported
     return "python bench/transfer_study.py " + shlex.join(shown)
 
 
@@ -511,6 +564,8 @@ def main(argv: list[str] | None = None) -> None:
     total = source["seconds"] + sum(r["seconds"] for v in results.values() for r in v)
     resumed = sum(r.get("resumed_at_step", 0) > 0 for v in results.values() for r in [source, *v])
     md = table(rows, args.budgets, agg, plans, finetune_cfg)
+    machines = sorted({r["machine"] for r in [source, *(r for v in results.values() for r in v)] if "machine" in r})
+    machine_line = "; ".join(machines) or machine(with_load=False)
     seeds = ", ".join(map(str, args.seeds))
     notes = [
         f"Target test accuracy on the 5,000 test images of classes 5-9: mean ± sample standard deviation "
@@ -522,6 +577,7 @@ def main(argv: list[str] | None = None) -> None:
         f"Total: {total / 60:.1f} min of training and testing over {n_runs + 1} runs (each timed around "
         f"`train()`), at {source_cfg.data.image_size}x{source_cfg.data.image_size}, batch {batch}.",
         f"Command: `{command_line(argv)}`",
+        f"Machine: {machine_line}. {load_note(source, results)}",
     ]
     missing = len(cells) - n_runs
     if missing:
