@@ -7,6 +7,7 @@ import json
 import logging
 import statistics
 import sys
+import time
 
 import pytest
 from helpers import REPO
@@ -66,6 +67,7 @@ def test_study_end_to_end_on_synthetic_data(synthetic_root, tmp_path, caplog):
     for name in expected:
         runs = [json.loads((out / name / f"seed{s}" / "cell.json").read_text()) for s in (0, 1)]
         assert all(0.0 <= r["test_acc"] <= 1.0 and r["seconds"] > 0 for r in runs)
+        assert all(r["load_peak"] >= r["load_before"] >= 0 and "cores" in r["machine"] for r in runs)
         assert [f"seed={s}" in r["overrides"] for s, r in zip((0, 1), runs)] == [True, True]
         cell = results["cells"][name]
         accs = [r["test_acc"] for r in runs]
@@ -84,6 +86,7 @@ def test_study_end_to_end_on_synthetic_data(synthetic_root, tmp_path, caplog):
     assert f"{100 * a['mean']:.1f} ± {100 * a['std']:.1f} % (" in row and "8 steps)" in row
     assert "| finetune, backbone LR warm-up | " in block and "over seeds 0, 1" in block
     assert "Command: `python bench/transfer_study.py --out " in block and (out / "transfer_study.png").stat().st_size
+    assert f"Machine: {results['source']['machine']}. 1-minute load average over 15 run(s)" in block
 
     # Run again: every (cell, seed) is kept, nothing trains, the same results come out.
     caplog.clear()
@@ -93,3 +96,18 @@ def test_study_end_to_end_on_synthetic_data(synthetic_root, tmp_path, caplog):
     assert len(progress) == 15 and all("(kept)" in m for m in progress)
     assert progress[-1].startswith("[15/15] finetune_all seed 1 (kept)")
     assert json.loads((out / "results.json").read_text())["cells"] == results["cells"]
+    study.main([*args, "--report-only"])  # reports the command that trains, not the report-only one
+    again = readme.read_text().split(study.BEGIN)[1].split(study.END)[0]
+    assert "--report-only" not in again and "Command: `python bench/transfer_study.py --out " in again
+
+
+def test_load_peak_is_the_highest_sample_and_the_note_counts_unrecorded_runs(monkeypatch):
+    loads = iter([0.3, 1.9, 4.2, 2.0] + [1.0] * 1000)
+    monkeypatch.setattr(study.os, "getloadavg", lambda: (next(loads), 0.0, 0.0))
+    with study.LoadPeak(every_s=0.001) as load:
+        time.sleep(0.05)  # ~50 samples
+    assert load.peak == 4.2
+    runs = {("scratch", "50"): [{"load_before": 0.4, "load_peak": 2.1}, {"load_before": 0.2, "load_peak": 3.5}]}
+    note = study.load_note({"steps": 1}, runs)
+    assert note.startswith("1-minute load average over 2 run(s): at most 0.40 when one started, peak 3.50")
+    assert note.endswith(" 1 run(s) ran before the script recorded the load.")
