@@ -18,18 +18,17 @@ _spec.loader.exec_module(study)  # registered first: dataclasses look their modu
 
 
 def test_plan_rule_on_the_real_split_sizes():
-    """Batch 128, source 6 epochs x 185 steps: 50 / 250 / all labels per class of 5 classes."""
-    source_steps = 6 * (23_750 // 128)
+    """Batch 128, capped at MAX_STEPS (6 epochs x 185 steps): 50 / 250 / all labels per class of 5 classes."""
     p50, p250, pall = (
-        study.make_plan(b, n, 5, 128, source_steps) for b, n in [("50", 250), ("250", 1250), ("all", 23_750)]
+        study.make_plan(b, n, 5, 128, study.MAX_STEPS) for b, n in [("50", 250), ("250", 1250), ("all", 23_750)]
     )
     assert (p50.steps_per_epoch, p50.epochs, p50.steps) == (1, 100, 100)  # the MIN_STEPS floor
     assert (p250.steps_per_epoch, p250.epochs, p250.steps) == (9, 30, 270)  # 30 epochs over the budget
-    assert (pall.steps_per_epoch, pall.epochs, pall.steps) == (185, 6, 1110)  # capped at the source's length
+    assert (pall.steps_per_epoch, pall.epochs, pall.steps) == (185, 6, 1110)  # capped at MAX_STEPS
     assert (p50.unfreeze_at_epoch, p250.unfreeze_at_epoch, pall.unfreeze_at_epoch) == (10, 3, 1)
     assert (p50.warmup_epochs, p250.warmup_epochs, pall.warmup_epochs) == (10, 3, 1)
     with pytest.raises(SystemExit, match=r"budget 20 has 100 training images, fewer than one batch of 128"):
-        study.make_plan("20", 100, 5, 128, source_steps)
+        study.make_plan("20", 100, 5, 128, study.MAX_STEPS)
 
 
 def test_aggregate_is_the_mean_and_sample_std_over_seeds():
