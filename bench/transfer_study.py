@@ -331,7 +331,10 @@ def budget_label(budget: str, plans: dict[str, Plan]) -> str:
 
 def row_label(row: str, finetune_cfg: DictConfig) -> str:
     if row == "finetune":
-        return f"`finetune` (backbone LR x{finetune_cfg.stage.backbone_lr_ratio:g}, no warm-up)"
+        stage = finetune_cfg.stage
+        w = stage.backbone_warmup_epochs
+        warm = f"backbone LR warm-up {w:g} epochs" if w else "no warm-up"
+        return f"`finetune` (backbone LR x{stage.backbone_lr_ratio:g}, {warm})"
     if row.startswith("finetune-"):
         return VARIANTS[row.removeprefix("finetune-")][0]
     return f"`{row}`"
