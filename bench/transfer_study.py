@@ -279,17 +279,19 @@ def run_one(name: str, overrides: list[str], run_dir: Path, report_only: bool = 
 class Progress:
     """One line on stderr after each run: runs done / total, its time, the time left.
 
-    The time left is the plan's prediction for the remaining runs, scaled by how the finished
+    The time left is the plan's prediction for the remaining runs that are not already finished
+    (``kept``: runs later in the plan may have finished in an earlier session), scaled by how the
     runs of this session compared with their predictions (so a faster or slower machine, or a
     GPU, corrects the estimate as the study goes).
     """
 
-    def __init__(self, predicted: list[float]) -> None:
-        self.predicted, self.done, self.actual, self.expected = predicted, 0, 0.0, 0.0
+    def __init__(self, predicted: list[float], kept: list[bool]) -> None:
+        self.predicted = [0.0 if k else p for p, k in zip(predicted, kept, strict=True)]
+        self.done, self.actual, self.expected = 0, 0.0, 0.0
 
     def update(self, name: str, result: dict | None, ran: bool) -> None:
         i, self.done = self.done, self.done + 1
-        if ran and result:
+        if ran and result and self.predicted[i]:
             self.actual, self.expected = self.actual + result["seconds"], self.expected + self.predicted[i]
         scale = self.actual / self.expected if self.expected else 1.0
         left = scale * sum(self.predicted[self.done :])
@@ -545,9 +547,10 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     out.mkdir(parents=True, exist_ok=True)
-    progress = Progress(predicted)
-    start = time.perf_counter()
     source_dir = out / "source"
+    run_dirs = [source_dir] + [out / c.name / f"seed{c.seed}" for c in cells]
+    progress = Progress(predicted, kept=[(d / "cell.json").is_file() for d in run_dirs])
+    start = time.perf_counter()
     ran = not (source_dir / "cell.json").is_file()
     source = run_one("source", source_ov, source_dir, args.report_only)
     progress.update("source", source, ran and source is not None)
@@ -557,8 +560,7 @@ def main(argv: list[str] | None = None) -> None:
         log.warning("the source reached %.1f %% test accuracy, below the study's 85 %%", 100 * source["test_acc"])
 
     results: dict[tuple[str, str], list[dict]] = {}
-    for cell in cells:
-        run_dir = out / cell.name / f"seed{cell.seed}"
+    for cell, run_dir in zip(cells, run_dirs[1:], strict=True):
         ran = not (run_dir / "cell.json").is_file()
         ov = [*cell.overrides, *common, *plan_overrides(cell, plans[cell.budget], source["best_ckpt"])]
         result = run_one(f"{cell.name} seed {cell.seed}", ov, run_dir, args.report_only)

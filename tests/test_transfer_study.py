@@ -110,3 +110,15 @@ def test_load_peak_is_the_highest_sample_and_the_note_counts_unrecorded_runs(mon
     note = study.load_note({"steps": 1}, runs)
     assert note.startswith("1-minute load average over 2 run(s): at most 0.40 when one started, peak 3.50")
     assert note.endswith(" 1 run(s) ran before the script recorded the load.")
+
+
+def test_time_left_skips_runs_kept_from_an_earlier_session_and_scales_by_this_ones(caplog):
+    """A resumed study: runs 1 and 3 finished earlier; the estimate counts only runs 2 and 4."""
+    progress = study.Progress([60.0, 600.0, 600.0, 1200.0], kept=[True, False, True, False])
+    with caplog.at_level(logging.INFO, logger="transfer_study"):
+        progress.update("source", {"seconds": 60.0, "test_acc": 0.9}, ran=False)
+        progress.update("a", {"seconds": 1200.0, "test_acc": 0.8}, ran=True)  # twice its prediction
+        progress.update("b", {"seconds": 600.0, "test_acc": 0.8}, ran=False)
+        progress.update("c", {"seconds": 2400.0, "test_acc": 0.8}, ran=True)
+    left = [r.getMessage().rsplit("; ", 1)[1] for r in caplog.records]
+    assert left == ["about 30 min left", "about 40 min left", "about 40 min left", "about 0 min left"]
