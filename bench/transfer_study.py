@@ -549,22 +549,21 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     source_dir = out / "source"
     run_dirs = [source_dir] + [out / c.name / f"seed{c.seed}" for c in cells]
-    progress = Progress(predicted, kept=[(d / "cell.json").is_file() for d in run_dirs])
+    kept = [(d / "cell.json").is_file() for d in run_dirs]  # finished in an earlier session
+    progress = Progress(predicted, kept)
     start = time.perf_counter()
-    ran = not (source_dir / "cell.json").is_file()
     source = run_one("source", source_ov, source_dir, args.report_only)
-    progress.update("source", source, ran and source is not None)
+    progress.update("source", source, not kept[0] and source is not None)
     if not source or not source.get("best_ckpt"):
         raise SystemExit("error: the source run saved no checkpoint; check callbacks.model_checkpoint")
     if source["test_acc"] is not None and source["test_acc"] < 0.85:
         log.warning("the source reached %.1f %% test accuracy, below the study's 85 %%", 100 * source["test_acc"])
 
     results: dict[tuple[str, str], list[dict]] = {}
-    for cell, run_dir in zip(cells, run_dirs[1:], strict=True):
-        ran = not (run_dir / "cell.json").is_file()
+    for cell, run_dir, was_kept in zip(cells, run_dirs[1:], kept[1:], strict=True):
         ov = [*cell.overrides, *common, *plan_overrides(cell, plans[cell.budget], source["best_ckpt"])]
         result = run_one(f"{cell.name} seed {cell.seed}", ov, run_dir, args.report_only)
-        progress.update(f"{cell.name} seed {cell.seed}", result, ran and result is not None)
+        progress.update(f"{cell.name} seed {cell.seed}", result, not was_kept and result is not None)
         if result:
             results.setdefault((cell.row, cell.budget), []).append({**result, "seed": cell.seed})
     session = time.perf_counter() - start
