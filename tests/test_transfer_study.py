@@ -84,6 +84,7 @@ def test_study_end_to_end_on_synthetic_data(synthetic_root, tmp_path, caplog):
     row = next(line for line in block.splitlines() if line.startswith("| `scratch` |"))
     assert f"{100 * a['mean']:.1f} ± {100 * a['std']:.1f} % (" in row and "8 steps)" in row
     assert "| finetune, backbone LR warm-up | " in block and "over seeds 0, 1" in block
+    assert "| `finetune` (backbone LR x1, no warm-up) | " in block  # the row label reads the stage's defaults
     assert "Command: `python bench/transfer_study.py --out " in block and (out / "transfer_study.png").stat().st_size
     assert f"Machine: {results['source']['machine']}. 1-minute load average over 15 run(s)" in block
 
