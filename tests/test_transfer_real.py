@@ -34,6 +34,13 @@ pytestmark = pytest.mark.slow
 # 0.490 / 0.498 / 0.490): mean +4.6, spread (sd) 0.6. MARGIN sits 2.4 sd below the smallest lead
 # and 3.5 sd below the mean, so seed noise does not erase it: a lead under it points at a regression.
 MARGIN = 0.025
+# The backbone joins at a tenth of the head's LR here, not at the stage's default (1): in runs this
+# short, the backbone at the full one-cycle peak makes the lead noisy. The figures above are at 0.1
+# (measured again with this constant: the same to the last digit). With the default (the same
+# command with --backbone-lr-ratio 1): lead +4.7 / +2.6 / +7.7 points (finetune 0.537 / 0.523 /
+# 0.567), sd 2.6, the smallest a hair over MARGIN; the full-length study finds the two ratios
+# equal at 50 labels per class.
+BACKBONE_LR_RATIO = 0.1
 BUDGET = 50  # labels per target class: 250 images, 1 step of 128 per epoch
 SOURCE_EPOCHS, SOURCE_BATCHES = 2, 60  # 120 steps, 15,360 images
 TARGET_EPOCHS = 40  # 40 steps, validated once at the end
@@ -75,11 +82,15 @@ def target_overrides(root: Path, stage: str, weights: str | None = None, seed: i
     return ov + ([f"model.weights_path={weights}"] if weights else [])
 
 
-def scenario(root: Path, out: Path, seed: int = 0) -> dict[str, float]:
+def scenario(root: Path, out: Path, seed: int = 0, ratio: float = BACKBONE_LR_RATIO) -> dict[str, float]:
     """The test's three runs; the source's and both targets' validation accuracies, and the lead."""
     source = train(compose_cfg(source_overrides(root, seed), out / "source"))
     assert source["best_ckpt"], "the source run saved no checkpoint"
-    finetune = train(compose_cfg(target_overrides(root, "finetune", source["best_ckpt"], seed), out / "ft"))
+    ft_overrides = [
+        *target_overrides(root, "finetune", source["best_ckpt"], seed),
+        f"stage.backbone_lr_ratio={ratio}",
+    ]
+    finetune = train(compose_cfg(ft_overrides, out / "ft"))
     scratch = train(compose_cfg(target_overrides(root, "scratch", seed=seed), out / "scratch"))
     ft, sc = finetune["val/acc"], scratch["val/acc"]
     return {"seed": seed, "source": source["val/acc_best"], "finetune": ft, "scratch": sc, "lead": ft - sc}
@@ -93,12 +104,12 @@ def test_finetuned_source_backbone_beats_scratch_with_few_labels(real_root, tmp_
     assert r["lead"] > MARGIN, f"finetune {r['finetune']:.3f} vs scratch {r['scratch']:.3f} on the target val set"
 
 
-def measure_spread(seeds: list[int]) -> dict:
+def measure_spread(seeds: list[int], ratio: float = BACKBONE_LR_RATIO) -> dict:
     """The scenario once per seed: each lead, and their mean, sample std and min."""
     runs = []
     for seed in seeds:
         with tempfile.TemporaryDirectory() as tmp:
-            runs.append(scenario(REAL_DATA, Path(tmp), seed))
+            runs.append(scenario(REAL_DATA, Path(tmp), seed, ratio))
         print(json.dumps(runs[-1]), flush=True)
     leads = [r["lead"] for r in runs]
     std = statistics.stdev(leads) if len(leads) > 1 else 0.0
@@ -108,6 +119,8 @@ def measure_spread(seeds: list[int]) -> dict:
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description="Seed spread of the lead of finetune over scratch in this test.")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    summary = measure_spread(p.parse_args().seeds)
+    p.add_argument("--backbone-lr-ratio", type=float, default=BACKBONE_LR_RATIO, help="finetune's (the test's: 0.1)")
+    args = p.parse_args()
+    summary = measure_spread(args.seeds, args.backbone_lr_ratio)
     print(json.dumps({k: v for k, v in summary.items() if k != "runs"}, indent=2))
     print(f"MARGIN = {MARGIN}: the smallest lead is {summary['lead_min'] - MARGIN:+.3f} above it")
