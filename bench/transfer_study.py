@@ -289,12 +289,15 @@ class Progress:
     """
 
     def __init__(self, predicted: list[float], kept: list[bool]) -> None:
+        self.kept = kept
         self.predicted = [0.0 if k else p for p, k in zip(predicted, kept, strict=True)]
         self.done, self.actual, self.expected = 0, 0.0, 0.0
 
-    def update(self, name: str, result: dict | None, ran: bool) -> None:
+    def update(self, name: str, result: dict | None) -> None:
+        """After the next run of the plan: ``result`` is None where it did not run (--report-only)."""
         i, self.done = self.done, self.done + 1
-        if ran and result and self.predicted[i]:
+        ran = result is not None and not self.kept[i]
+        if ran:
             self.actual, self.expected = self.actual + result["seconds"], self.expected + self.predicted[i]
         scale = self.actual / self.expected if self.expected else 1.0
         left = scale * sum(self.predicted[self.done :])
@@ -556,17 +559,17 @@ def main(argv: list[str] | None = None) -> None:
     progress = Progress(predicted, kept)
     start = time.perf_counter()
     source = run_one("source", source_ov, source_dir, args.report_only)
-    progress.update("source", source, not kept[0] and source is not None)
+    progress.update("source", source)
     if not source or not source.get("best_ckpt"):
         raise SystemExit("error: the source run saved no checkpoint; check callbacks.model_checkpoint")
     if source["test_acc"] is not None and source["test_acc"] < 0.85:
         log.warning("the source reached %.1f %% test accuracy, below the study's 85 %%", 100 * source["test_acc"])
 
     results: dict[tuple[str, str], list[dict]] = {}
-    for cell, run_dir, was_kept in zip(cells, run_dirs[1:], kept[1:], strict=True):
+    for cell, run_dir in zip(cells, run_dirs[1:], strict=True):
         ov = [*cell.overrides, *common, *plan_overrides(cell, plans[cell.budget], source["best_ckpt"])]
         result = run_one(f"{cell.name} seed {cell.seed}", ov, run_dir, args.report_only)
-        progress.update(f"{cell.name} seed {cell.seed}", result, not was_kept and result is not None)
+        progress.update(f"{cell.name} seed {cell.seed}", result)
         if result:
             results.setdefault((cell.row, cell.budget), []).append({**result, "seed": cell.seed})
     session = time.perf_counter() - start

@@ -117,9 +117,9 @@ def test_time_left_skips_runs_kept_from_an_earlier_session_and_scales_by_this_on
     """A resumed study: runs 1 and 3 finished earlier; the estimate counts only runs 2 and 4."""
     progress = study.Progress([60.0, 600.0, 600.0, 1200.0], kept=[True, False, True, False])
     with caplog.at_level(logging.INFO, logger="transfer_study"):
-        progress.update("source", {"seconds": 60.0, "test_acc": 0.9}, ran=False)
-        progress.update("a", {"seconds": 1200.0, "test_acc": 0.8}, ran=True)  # twice its prediction
-        progress.update("b", {"seconds": 600.0, "test_acc": 0.8}, ran=False)
-        progress.update("c", {"seconds": 2400.0, "test_acc": 0.8}, ran=True)
+        progress.update("source", {"seconds": 60.0, "test_acc": 0.9})
+        progress.update("a", {"seconds": 1200.0, "test_acc": 0.8})  # twice its prediction
+        progress.update("b", {"seconds": 600.0, "test_acc": 0.8})
+        progress.update("c", {"seconds": 2400.0, "test_acc": 0.8})
     left = [r.getMessage().rsplit("; ", 1)[1] for r in caplog.records]
     assert left == ["about 30 min left", "about 40 min left", "about 40 min left", "about 0 min left"]
