@@ -31,6 +31,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from resnet_cifar.atomic import atomic_write
 from resnet_cifar.errors import OutputError
+from resnet_cifar.training.optim import CLOCK_EVERY
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +121,12 @@ class LastCheckpoint(Checkpoint):
             return True
         if self.every_n_minutes is None:
             return False
+        # Under DDP the ranks must agree (saving is collective): rank 0's clock is broadcast, a collective
+        # and a host sync, so it is read every CLOCK_EVERY steps only (a save comes that many steps late).
+        if trainer.world_size > 1 and trainer.global_step % CLOCK_EVERY:
+            return False
         due = time.monotonic() - self._last_save >= 60 * self.every_n_minutes
-        return bool(trainer.strategy.broadcast(due))  # ranks must agree: saving is collective
+        return bool(trainer.strategy.broadcast(due))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last_save = time.monotonic()
