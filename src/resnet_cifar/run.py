@@ -50,12 +50,15 @@ def build_module(cfg: DictConfig, datamodule: CIFAR10DataModule) -> ImageClassif
     )
 
 
-def build_trainer(trainer_cfg: DictConfig, callbacks: list[Any], **kwargs: Any) -> tuple[pl.Trainer, dict[str, str]]:
+def build_trainer(
+    trainer_cfg: DictConfig, callbacks: list[Any], auto: tuple[str, str] | None = None, **kwargs: Any
+) -> tuple[pl.Trainer, dict[str, str]]:
     """The Trainer of ``trainer_cfg`` (``precision: auto`` resolved in place first) and the precision it runs.
 
+    ``auto``: ``(precision, reason)`` that ``auto`` means here instead of the machine's fastest.
     Returns ``{"precision": ..., "precision_reason": ...}`` for ``metrics.json``.
     """
-    precision, reason = apply_auto_precision(trainer_cfg)
+    precision, reason = apply_auto_precision(trainer_cfg, auto)
     trainer = hydra.utils.instantiate(trainer_cfg, **kwargs, **trainer_progress(trainer_cfg, callbacks))
     return trainer, {"precision": precision, "precision_reason": reason}
 
@@ -192,7 +195,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     overrides = {} if cfg.get("tta_flip") is None else {"tta_flip": cfg.tta_flip}
     module, data_hp = ImageClassifier.load_trained(cfg.ckpt_path, **overrides)
     datamodule = build_datamodule({**data_hp, **to_dict(cfg.data)})
-    trainer, precision = build_trainer(cfg.trainer, [], logger=False)
+    # auto: the precision the checkpoint was trained and tested with, so that eval.py repeats its numbers
+    trained = module.trained_precision
+    auto = (trained, "as the checkpoint was trained and tested") if trained else None
+    trainer, precision = build_trainer(cfg.trainer, [], auto=auto, logger=False)
     if cfg.get("report"):
         module.enable_report(to_dict(cfg.report))
     results = trainer.test(module, datamodule=datamodule)

@@ -167,6 +167,8 @@ class ModuleSchema:
     channels_last: bool = f()
     tta_flip: bool = f()
     compile: bool = f()
+    compile_mode: str = f(check=_choice("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
+    compile_dynamic: bool | None = f()
     lr_scaling: str = f(check=_choice(*LR_SCALING))
 
 

@@ -25,6 +25,9 @@ from resnet_cifar.training.optim import (
     with_backbone_warmup,
 )
 
+# The checkpoint entry that records the precision the run trained and tested with.
+PRECISION_KEY = "resnet_cifar_precision"
+
 
 class ImageClassifier(pl.LightningModule):
     """Train, validate and test a :class:`~resnet_cifar.models.factory.Classifier`.
@@ -42,6 +45,9 @@ class ImageClassifier(pl.LightningModule):
         tta_flip: average the logits of each image and its mirror image at val/test time.
         compile: run the model through ``torch.compile`` (the compiled wrapper is not a submodule,
             so checkpoints keep the plain ``model.*`` keys).
+        compile_mode: ``torch.compile``'s ``mode`` (``default``, ``reduce-overhead``: CUDA graphs, ...).
+        compile_dynamic: ``torch.compile``'s ``dynamic``; False (static shapes): the training batch keeps
+            its own graph, each evaluation batch size gets one more, none is traced with symbolic sizes.
         lr_scaling: ``none`` | ``linear`` | ``sqrt``: how the learning rates grow with the number
             of processes (see :data:`~resnet_cifar.training.optim.LR_SCALING`).
     """
@@ -58,6 +64,8 @@ class ImageClassifier(pl.LightningModule):
         channels_last: bool = False,
         tta_flip: bool = False,
         compile: bool = False,
+        compile_mode: str = "default",
+        compile_dynamic: bool | None = False,
         lr_scaling: str = "none",
         load_weights: bool = True,
     ) -> None:
@@ -74,7 +82,8 @@ class ImageClassifier(pl.LightningModule):
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
         # Kept out of nn.Module's registry: same parameters, no extra state_dict keys.
-        object.__setattr__(self, "_run_model", torch.compile(self.model) if compile else self.model)
+        run = torch.compile(self.model, mode=compile_mode, dynamic=compile_dynamic) if compile else self.model
+        object.__setattr__(self, "_run_model", run)
         # validate_args=False: the checks run torch.unique on the targets, a host sync at every step on a GPU
         # (our labels are in range by construction: data/cifar10.py validates them once).
         self.train_acc, self.val_acc, self.test_acc = (
@@ -88,6 +97,7 @@ class ImageClassifier(pl.LightningModule):
         # The evaluation report's metrics, updated in the test loop once enable_report() was called.
         self.report_metrics: ReportMetrics | None = None
         self.test_report: dict[str, Any] | None = None
+        self.trained_precision: str | None = None  # set by load_trained from the checkpoint
 
     # ----------------------------------------------------------- forward
     def backbone_trainable(self) -> bool:
@@ -134,6 +144,8 @@ class ImageClassifier(pl.LightningModule):
         at_epoch_end = self._trainer is not None and self.trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
         names = ("val_acc_best",) if at_epoch_end else ("train_acc", "val_acc_best")
         checkpoint[metric_state.KEY] = metric_state.collect(self, names)
+        if self._trainer is not None:  # eval.py tests in the same precision by default (load_trained)
+            checkpoint[PRECISION_KEY] = str(self.trainer.precision)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._resumed_metric_states = checkpoint.get(metric_state.KEY)
@@ -242,6 +254,8 @@ class ImageClassifier(pl.LightningModule):
                 f"ckpt_path {path} is not a resnet-cifar training checkpoint (no state_dict, hyper_parameters "
                 "or data settings)"
             )
-        module = cls(**{**ckpt["hyper_parameters"], **overrides}, load_weights=False)
+        # compile=False: evaluation and prediction would compile (tens of seconds) for a single pass
+        module = cls(**{**ckpt["hyper_parameters"], "compile": False, **overrides}, load_weights=False)
         module.load_state_dict(ckpt["state_dict"])
+        module.trained_precision = ckpt.get(PRECISION_KEY)
         return module.to(map_location).eval(), dict(data_hp)

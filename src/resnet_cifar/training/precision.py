@@ -12,8 +12,9 @@ So :func:`resolve_precision` decides once, before the Trainer is built:
 - anything else (CPUs with AVX2 only, Apple MPS): ``32-true``.
 
 An explicit ``trainer.precision`` always wins. The choice and its reason are logged, written
-into the run's config (so the loggers' hyperparameters show the precision that ran) and into
-``metrics.json``.
+into the run's config (so the loggers' hyperparameters show the precision that ran), into
+``metrics.json`` and into the checkpoints; ``eval.py``'s ``auto`` is the checkpoint's precision,
+so that it repeats the training run's test numbers.
 """
 
 from __future__ import annotations
@@ -83,9 +84,16 @@ def resolve_precision(requested: Any, accelerator: Any = AUTO) -> tuple[str, str
     return "32-true", f"{device}: no mixed precision chosen automatically"
 
 
-def apply_auto_precision(trainer_cfg: Any) -> tuple[str, str]:
-    """Resolve ``trainer_cfg.precision`` in place (a DictConfig or dict), log it, return ``(precision, reason)``."""
-    precision, reason = resolve_precision(trainer_cfg.get("precision", AUTO), trainer_cfg.get("accelerator", AUTO))
+def apply_auto_precision(trainer_cfg: Any, auto: tuple[str, str] | None = None) -> tuple[str, str]:
+    """Resolve ``trainer_cfg.precision`` in place (a DictConfig or dict), log it, return ``(precision, reason)``.
+
+    ``auto``: what ``auto`` stands for instead of the machine's fastest (eval.py: the checkpoint's precision).
+    """
+    requested = trainer_cfg.get("precision", AUTO)
+    if str(requested) == AUTO and auto is not None:
+        precision, reason = auto
+    else:
+        precision, reason = resolve_precision(requested, trainer_cfg.get("accelerator", AUTO))
     trainer_cfg["precision"] = precision
     log.info("precision %s: %s", precision, reason)
     return precision, reason
