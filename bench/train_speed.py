@@ -79,8 +79,11 @@ def _rates(marks: dict[int, float], start: float, warmup: int, steps: int, batch
     }
 
 
-def train_py(cfg: DictConfig, warmup: int, steps: int) -> dict[str, float]:
-    """Images/s of ``resnet_cifar.run.train(cfg)`` over ``steps`` steps after ``warmup`` (>= 1) untimed ones."""
+def train_py(cfg: DictConfig, warmup: int, steps: int, callbacks: dict | None = None) -> dict[str, float]:
+    """Images/s of ``resnet_cifar.run.train(cfg)`` over ``steps`` steps after ``warmup`` (>= 1) untimed ones.
+
+    ``callbacks``: more callback configs (name -> ``_target_`` and arguments) for the run.
+    """
     cfg = copy.deepcopy(cfg)
     with tempfile.TemporaryDirectory() as out, open_dict(cfg):
         cfg.paths.output_dir = out
@@ -89,6 +92,8 @@ def train_py(cfg: DictConfig, warmup: int, steps: int) -> dict[str, float]:
         cfg.trainer.limit_val_batches = 1  # validation and test run after the timed window: keep them short
         cfg.test = False
         cfg.callbacks["step_clock"] = {"_target_": f"{__name__}.StepClock", "warmup": warmup}
+        for name, callback in (callbacks or {}).items():
+            cfg.callbacks[name] = callback
         train(cfg)
     clock = StepClock.last
     return _rates(clock.marks, clock.start, warmup, steps, cfg.data.batch_size)
@@ -103,7 +108,8 @@ def bare_loop(cfg: DictConfig, warmup: int, steps: int) -> dict[str, float]:
     pl.seed_everything(cfg.seed, verbose=False)
     dm = build_datamodule(cfg.data)
     dm.setup("fit")
-    if cfg.data.on_device and device.type != "cpu":
+    on_device = device.type == "cuda" if cfg.data.on_device is None else cfg.data.on_device  # as the data module
+    if on_device and device.type != "cpu":
         for split in dm.splits.values():
             split.images, split.labels = split.images.to(device), split.labels.to(device)
     model = build_model(num_classes=dm.num_classes, **to_dict(cfg.model)).to(device)

@@ -33,7 +33,6 @@ CIFAR_SIZE = 32
 OUTPUT_FORMATS = (".csv", ".json")
 
 
-@dataclass
 def resolve_device(device: str) -> torch.device:
     """``device=`` of predict: ``cpu``, ``cuda[:N]``, ``gpu[:N]`` (Lightning's spelling of cuda) or ``auto``."""
     name = str(device).strip().lower()
@@ -52,6 +51,7 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(name)
 
 
+@dataclass
 class Predictor:
     """A model in eval mode plus the preprocessing it was trained with."""
 

@@ -95,7 +95,7 @@ class DataSchema:
     loader: str = f(check=_choice(*LOADERS))
     num_workers: int = f(check=_rng(0, 256))
     pin_memory: bool | None = f()
-    on_device: bool = f()
+    on_device: bool | None = f()
     mean: list[float] = f(check=((lambda v: len(v) == 3), "3 values"), each=FRACTION)
     std: list[float] = f(check=((lambda v: len(v) == 3), "3 values"), each=_rng(0, 1, lo_open=True))
     image_size: int = f(check=_rng(8, 1024))

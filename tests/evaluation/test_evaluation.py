@@ -273,6 +273,38 @@ def test_predict_errors_are_one_line(ckpt, tmp_path):
 
 
 # ---------------------------------------------------------------------------- export
+@pytest.mark.parametrize(
+    ("device", "cuda_gpus", "expected"),
+    [("gpu", 1, "cuda"), ("GPU:1", 2, "cuda:1"), ("cuda", 1, "cuda"), ("auto", 1, "cuda"), ("auto", 0, "cpu")],
+)
+def test_predict_takes_lightnings_device_spelling(monkeypatch, device, cuda_gpus, expected):
+    from resnet_cifar.inference import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda_gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: cuda_gpus)
+    assert resolve_device(device) == torch.device(expected)
+    if cuda_gpus:
+        with pytest.raises(UserError, match=f"device=gpu:{cuda_gpus} but only {cuda_gpus} CUDA GPU"):
+            resolve_device(f"gpu:{cuda_gpus}")
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        ("gpu", "device=gpu but no CUDA GPU is visible: use device=cpu or device=auto"),
+        ("cuda:3", "device=cuda:3 but no CUDA GPU is visible"),
+        ("tpu", "device=tpu: expected cpu, cuda, cuda:N, gpu or auto"),
+    ],
+)
+def test_predict_device_errors_are_one_line(ckpt, tmp_path, monkeypatch, device, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    cfg = compose_cfg([f"ckpt_path={ckpt}", f"inputs={tmp_path}", f"device={device}"], tmp_path, "predict")
+    with pytest.raises(UserError, match=message.replace("(", r"\(")):
+        predict(cfg)
+
+
 def test_export_matches_pytorch(ckpt, synthetic_root, tmp_path):
     import onnxruntime as ort
 

@@ -22,9 +22,10 @@ def test_compile_keeps_state_dict_keys_and_outputs(monkeypatch):
     calls = []
     real_compile = torch.compile
 
-    def eager_compile(model):  # real Dynamo tracing, without the C++ build of inductor in a test
+    def eager_compile(model, **options):  # real Dynamo tracing, without the C++ build of inductor in a test
         calls.append(model)
-        return real_compile(model, backend="eager")
+        assert options == {"mode": "default", "dynamic": False}  # module.compile_mode / compile_dynamic
+        return real_compile(model, backend="eager", **options)
 
     monkeypatch.setattr(torch, "compile", eager_compile)
     plain, compiled = _module(), _module(compile=True)

@@ -105,7 +105,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
         loader: ``"tensor"`` or ``"torchvision"`` (see the module docstring).
         num_workers: DataLoader workers (torchvision loader only; the tensor loader needs none).
         pin_memory: pin host batches for asynchronous copies; None: when a CUDA device trains on host data.
-        on_device: keep the uint8 split on the training device (tensor loader, GPUs).
+        on_device: keep the uint8 split on the training device (tensor loader); None: on a CUDA device.
         mean, std: normalisation statistics.
         image_size: side of the images fed to the model (resized when not 32).
         augment: ``crop_padding``, ``flip``, ``cutout``, and (torchvision loader only)
@@ -127,7 +127,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
         loader: str = "tensor",
         num_workers: int = 0,
         pin_memory: bool | None = None,
-        on_device: bool = False,
+        on_device: bool | None = None,
         mean: Sequence[float] = CIFAR10_MEAN,
         std: Sequence[float] = CIFAR10_STD,
         image_size: int = 32,
@@ -183,7 +183,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
         if hp.train_per_class:
             train_idx = per_class_budget(train_labels, train_idx, hp.train_per_class, hp.split_seed)
         train_images, test_images = train.images, test.images
-        if hp.on_device and hp.loader == "tensor" and self.trainer is not None:
+        if self._on_device():
             device = self.trainer.strategy.root_device
             train_images, test_images = train_images.to(device), test_images.to(device)
             train_labels, test_labels = train_labels.to(device), test_labels.to(device)
@@ -208,6 +208,14 @@ class CIFAR10DataModule(pl.LightningDataModule):
             len(test_idx),
             self.num_classes,
         )
+
+    def _on_device(self) -> bool:
+        """``data.on_device`` (tensor loader, under a Trainer); None: on a CUDA device (150 MB of uint8 images)."""
+        if self.hparams.loader != "tensor" or self.trainer is None:
+            return False
+        if self.hparams.on_device is not None:
+            return bool(self.hparams.on_device)
+        return self.trainer.strategy.root_device.type == "cuda"
 
     def _per_sample_transforms(self):
         from torchvision.transforms import v2
