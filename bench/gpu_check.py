@@ -251,9 +251,8 @@ def tools_step(check: Check, work: Path, accelerator: str, ckpt: str | None) -> 
     out: dict[str, Any] = {}
     common = check_overrides(check.smoke)
     device = "gpu" if accelerator == "gpu" else "cpu"  # Lightning's spelling, which predict must accept
-    out["eval"] = run_command(
-        "eval.py", [f"ckpt_path={ckpt}", f"trainer.accelerator={accelerator}", *common], work, "eval", 120
-    )
+    # the data settings are the checkpoint's: eval.py takes only the data root (RESNET_CIFAR_DATA) from here
+    out["eval"] = run_command("eval.py", [f"ckpt_path={ckpt}", f"trainer.accelerator={accelerator}"], work, "eval", 120)
     images = work / "predict_images"
     images.mkdir(exist_ok=True)
     from PIL import Image
