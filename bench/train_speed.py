@@ -7,7 +7,7 @@ its ratio to the reference, a plain eager PyTorch loop in NCHW fp32:
 
 - plain loop, NCHW fp32 (the reference) / channels_last / channels_last + torch.compile /
   bf16 autocast (CPU only: what it does without AMX);
-- ``Trainer.fit`` with the module options of ``src/resnet_cifar/conf/train.yaml`` (what ``python train.py`` runs),
+- ``Trainer.fit`` with the module options of ``conf/train.yaml`` (what ``python train.py`` runs),
   and the same with ``module.compile=true`` (compiled afresh in each round, inside the warm-up steps).
 
 Compilation is timed separately (the first call of the compiled model, forward and backward).
