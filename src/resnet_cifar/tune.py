@@ -20,7 +20,8 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig
 
 from resnet_cifar.atomic import write_json
-from resnet_cifar.config import to_dict, validate_train_config
+from resnet_cifar.config import validate_train_config
+from resnet_cifar.plain import to_dict
 from resnet_cifar.progress import trainer_progress
 
 log = logging.getLogger(__name__)
