@@ -27,16 +27,14 @@ COMMANDS = ("resnet-cifar-train", "resnet-cifar-eval", "resnet-cifar-predict", "
 def wheel(tmp_path_factory) -> Path:
     """The project's wheel, built offline by this interpreter's pip and setuptools (the dev extra's).
 
-    Built from a copy of the checkout without its run outputs and build leftovers.
+    Built from a copy of what the build reads (no run outputs, no .venv, no build leftovers).
     """
     tmp = tmp_path_factory.mktemp("wheel")
     src = tmp / "src_copy"
-
-    def skip(folder: str, names: list[str]) -> set[str]:  # run outputs of the checkout, build leftovers
-        top = {".git", ".venv", "logs", "data", "outputs", "multirun", "build"} if Path(folder) == REPO else set()
-        return {n for n in names if n in top or n.endswith(".egg-info") or n == "__pycache__"}
-
-    shutil.copytree(REPO, src, ignore=skip)
+    for name in ("src", "conf"):
+        shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, src / name)
     pip = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp)]
     proc = subprocess.run([*pip, str(src)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
