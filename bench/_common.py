@@ -10,8 +10,20 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from omegaconf import DictConfig
+
+from resnet_cifar import CONFIG_DIR
+from resnet_cifar.training.precision import bf16_instructions
 
 DATA_ROOT = os.environ.get("RESNET_CIFAR_DATA", "data")
+
+
+def compose(overrides: list[str], output_dir: str | os.PathLike = ".") -> DictConfig:
+    """train.py's config with ``overrides``, outside a Hydra run (``paths.output_dir`` given)."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return hydra_compose("train", overrides=[*overrides, f"paths.output_dir={output_dir}"])
 
 
 def machine(with_load: bool = True) -> str:
@@ -24,7 +36,8 @@ def machine(with_load: bool = True) -> str:
         )
     except (OSError, StopIteration):
         model = platform.processor() or "unknown CPU"
-    line = f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    bf16 = bf16_instructions() or "no bf16 instructions"
+    line = f"{model} ({bf16}), {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
     if not with_load:
         return line
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")

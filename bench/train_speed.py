@@ -1,174 +1,207 @@
-"""Benchmark 1: steady-state training images/s of train.py's default path against a plain PyTorch loop.
+"""Benchmark 1: train.py's steady-state training images/s against a bare eager loop, per precision.
 
-Every arm trains ResNet-20 (batch 128, SGD Nesterov, the tensor data path with crop + flip) on the
-real CIFAR-10 training split. The arms run in interleaved rounds; each round times ``--steps``
-steps after ``--warmup`` untimed ones, and the table gives the median images/s over the rounds and
-its ratio to the reference, a plain eager PyTorch loop in NCHW fp32:
+Both arms train the model of the composed config (default: ``python train.py``'s ResNet-20, batch 128,
+SGD, cosine schedule, the tensor data path with crop + flip) on the real CIFAR-10 training split, with
+the same precision, memory format and (with ``--compile``) ``torch.compile``:
 
-- plain loop, NCHW fp32 (the reference) / channels_last / channels_last + torch.compile /
-  bf16 autocast (CPU only: what it does without AMX);
-- ``Trainer.fit`` with the module options of ``conf/train.yaml`` (what ``python train.py`` runs),
-  and the same with ``module.compile=true`` (compiled afresh in each round, inside the warm-up steps).
+- **bare loop**: the model, the optimizer and schedule of ``training/optim.py``, the data module's
+  batches, autocast (and a GradScaler under ``16-mixed``): nothing else;
+- **train.py**: ``resnet_cifar.run.train`` on the composed config, as ``python train.py`` runs it
+  (Trainer, callbacks, TensorBoard logger, checkpoints), with only the epoch cut to the timed steps
+  and validation/test cut short (both after the timed window).
 
-Compilation is timed separately (the first call of the compiled model, forward and backward).
+Each arm runs ``--warmup`` untimed steps, then ``--steps`` timed ones (clock read at two batch ends,
+the device synchronised there only); the arms alternate in ``--rounds`` rounds; the table gives the
+median images/s, its range and train.py's ratio to the bare loop of the same precision. The first
+step's time is reported too (with ``--compile``: the compilation).
 
     RESNET_CIFAR_DATA=<dir holding cifar-10-batches-py> python bench/train_speed.py
+    ... python bench/train_speed.py --precision 32-true bf16-mixed --compile both
+    ... python bench/train_speed.py model=resnet18 model.cifar_stem=true   # any train.py override
+
+``bench/gpu_check.py`` imports :func:`bare_loop` and :func:`train_py` for the same comparison on a GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import os
+import statistics
+import tempfile
 import time
 from collections.abc import Callable
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from _common import DATA_ROOT, machine, median, print_table
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from _common import DATA_ROOT, compose, machine, print_table
+from omegaconf import DictConfig, open_dict
 
-from resnet_cifar import CONFIG_DIR
-from resnet_cifar.data.datamodule import CIFAR10DataModule
 from resnet_cifar.models.factory import build_model
-from resnet_cifar.training.module import ImageClassifier
+from resnet_cifar.plain import to_dict
+from resnet_cifar.run import build_datamodule, train
+from resnet_cifar.training.optim import build_optimizer, build_scheduler
+from resnet_cifar.training.precision import resolve_precision
 
-BATCH = 128
-CONF_DIR = str(CONFIG_DIR)
-
-
-def default_module_options() -> dict:
-    """``module:`` of the composed default config (channels_last, compile, ...)."""
-    with initialize_config_dir(config_dir=os.path.abspath(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=["hydra/job_logging=none"], return_hydra_config=False)
-    return OmegaConf.to_container(cfg.module, resolve=True)
+AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
-class PlainLoop:
-    """A 20-line training loop: the model, SGD, cross-entropy, nothing else."""
-
-    def __init__(self, dm: CIFAR10DataModule, channels_last: bool, compile: bool, bf16: bool) -> None:
-        torch.manual_seed(0)
-        self.model = build_model(name="resnet20", num_classes=10)
-        self.fmt = torch.channels_last if channels_last else torch.contiguous_format
-        self.model.to(memory_format=self.fmt).train()
-        self.run = torch.compile(self.model) if compile else self.model
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
-        self.dm, self.bf16 = dm, bf16
-        self.batches = iter(dm.train_dataloader())
-        self.compile_s = self.step() if compile else None  # first call: tracing + code generation
-
-    def step(self) -> float:
-        t = time.perf_counter()
-        try:
-            batch = next(self.batches)
-        except StopIteration:
-            self.batches = iter(self.dm.train_dataloader())
-            batch = next(self.batches)
-        x, y = self.dm.transform_batch(batch, train=True, epoch=0)
-        x = x.contiguous(memory_format=self.fmt)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
-            loss = F.cross_entropy(self.run(x), y)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        return time.perf_counter() - t
-
-    def images_per_s(self, warmup: int, steps: int) -> float:
-        for _ in range(warmup):
-            self.step()
-        t = time.perf_counter()
-        for _ in range(steps):
-            self.step()
-        return steps * BATCH / (time.perf_counter() - t)
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
-class _BatchClock(pl.Callback):
-    def __init__(self) -> None:
-        self.ends: list[float] = []
+class StepClock(pl.Callback):
+    """Wall-clock at the end of the first batch, of batch ``warmup - 1`` and of the last one (synchronised)."""
 
-    def on_train_batch_end(self, *args) -> None:
-        self.ends.append(time.perf_counter())
+    last: StepClock | None = None
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.marks, self.start = warmup, {}, 0.0
+        StepClock.last = self
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        _sync(pl_module.device)
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, _o, _b, batch_idx: int) -> None:
+        if batch_idx in (0, self.warmup - 1) or batch_idx == trainer.num_training_batches - 1:
+            _sync(pl_module.device)
+            self.marks[batch_idx] = time.perf_counter()
 
 
-def trainer_fit(dm: CIFAR10DataModule, options: dict, warmup: int, steps: int) -> float:
-    """``Trainer.fit`` of train.py's module; images/s over the batches after ``warmup``."""
-    torch.manual_seed(0)
-    module = ImageClassifier(
-        model={"name": "resnet20"},
-        optimizer={"name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4},
-        scheduler={"name": "none"},
-        **options,
+def _rates(marks: dict[int, float], start: float, warmup: int, steps: int, batch: int) -> dict[str, float]:
+    return {
+        "images_per_s": steps * batch / (marks[warmup + steps - 1] - marks[warmup - 1]),
+        "first_step_s": marks[0] - start,
+    }
+
+
+def train_py(cfg: DictConfig, warmup: int, steps: int) -> dict[str, float]:
+    """Images/s of ``resnet_cifar.run.train(cfg)`` over ``steps`` steps after ``warmup`` (>= 1) untimed ones."""
+    cfg = copy.deepcopy(cfg)
+    with tempfile.TemporaryDirectory() as out, open_dict(cfg):
+        cfg.paths.output_dir = out
+        cfg.trainer.max_epochs = 1
+        cfg.trainer.limit_train_batches = warmup + steps
+        cfg.trainer.limit_val_batches = 1  # validation and test run after the timed window: keep them short
+        cfg.test = False
+        cfg.callbacks["step_clock"] = {"_target_": f"{__name__}.StepClock", "warmup": warmup}
+        train(cfg)
+    clock = StepClock.last
+    return _rates(clock.marks, clock.start, warmup, steps, cfg.data.batch_size)
+
+
+def bare_loop(cfg: DictConfig, warmup: int, steps: int) -> dict[str, float]:
+    """The same model, optimizer, schedule, data, precision and memory format in a plain PyTorch loop."""
+    precision, _ = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
+    accelerator = str(cfg.trainer.accelerator)
+    use_cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if use_cuda else "cpu")
+    pl.seed_everything(cfg.seed, verbose=False)
+    dm = build_datamodule(cfg.data)
+    dm.setup("fit")
+    if cfg.data.on_device and device.type != "cpu":
+        for split in dm.splits.values():
+            split.images, split.labels = split.images.to(device), split.labels.to(device)
+    model = build_model(num_classes=dm.num_classes, **to_dict(cfg.model)).to(device)
+    fmt = torch.channels_last if cfg.module.channels_last else torch.contiguous_format
+    model.to(memory_format=fmt).train()
+    run = torch.compile(model) if cfg.module.compile else model
+    opt = build_optimizer(to_dict(cfg.optimizer), model)
+    sched = build_scheduler(to_dict(cfg.scheduler), opt, total_steps=warmup + steps, max_epochs=1)
+    scaler = torch.amp.GradScaler(device.type) if precision == "16-mixed" else None
+    autocast = (
+        torch.autocast(device.type, dtype=AUTOCAST[precision]) if precision in AUTOCAST else contextlib.nullcontext()
     )
-    clock = _BatchClock()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        limit_train_batches=warmup + steps,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[clock],
-    )
-    trainer.fit(module, datamodule=dm)
-    timed = clock.ends[warmup - 1 :]
-    return (len(timed) - 1) * BATCH / (timed[-1] - timed[0])
+    batches = iter(dm.train_dataloader())
+    marks: dict[int, float] = {}
+    _sync(device)
+    start = time.perf_counter()
+    for i in range(warmup + steps):
+        images, labels, index = next(batches)
+        images, labels, index = (t.to(device, non_blocking=True) for t in (images, labels, index))
+        x, y = dm.transform_batch((images, labels, index), train=True, epoch=0)
+        with autocast:
+            loss = F.cross_entropy(run(x.contiguous(memory_format=fmt)), y, label_smoothing=cfg.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        if sched is not None:
+            sched.step()
+        if i in (0, warmup - 1, warmup + steps - 1):
+            _sync(device)
+            marks[i] = time.perf_counter()
+    return _rates(marks, start, warmup, steps, cfg.data.batch_size)
+
+
+def interleaved(arms: dict[str, Callable[[], dict[str, float]]], rounds: int) -> dict[str, dict[str, list[float]]]:
+    """Every arm once per round, round after round: slow drifts of the machine hit all arms alike."""
+    results: dict[str, dict[str, list[float]]] = {name: {} for name in arms}
+    for _ in range(rounds):
+        for name, fn in arms.items():
+            for key, value in fn().items():
+                results[name].setdefault(key, []).append(value)
+    return results
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("overrides", nargs="*", help="train.py overrides of the measured config")
     p.add_argument("--steps", type=int, default=30, help="timed steps per arm and round")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps before each timing")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps before the timed ones (compilation included)")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile arms")
-    p.add_argument("--no-bf16", action="store_true", help="leave out the bf16 autocast arm")
+    p.add_argument(
+        "--precision",
+        nargs="+",
+        default=None,
+        help="precisions to measure (default: 32-true, and bf16-mixed where the CPU or GPU runs bf16 natively)",
+    )
+    p.add_argument("--compile", choices=("off", "on", "both"), default="off", help="module.compile in the arms")
     args = p.parse_args()
-    print(f"machine: {machine()}\n")
-    dm = CIFAR10DataModule(root=DATA_ROOT, download=False, batch_size=BATCH, seed=0)
-    dm.setup("fit")
-    options = default_module_options()
-    options = {k: options[k] for k in ("channels_last", "compile")}
-    loops = {
-        "plain loop, NCHW fp32 (reference)": PlainLoop(dm, channels_last=False, compile=False, bf16=False),
-        "plain loop, channels_last": PlainLoop(dm, channels_last=True, compile=False, bf16=False),
-    }
-    if not args.no_bf16:
-        loops["plain loop, NCHW, bf16 autocast"] = PlainLoop(dm, channels_last=False, compile=False, bf16=True)
-    if not args.no_compile:
-        loops["plain loop, channels_last + torch.compile"] = PlainLoop(dm, channels_last=True, compile=True, bf16=False)
-    # bf16 autocast without AMX/AVX512-BF16 is ~10x slower on a CPU: fewer steps for it
-    steps = {k: max(3, args.steps // 6) if lp.bf16 else args.steps for k, lp in loops.items()}
-    arms: dict[str, Callable[[], float]] = {
-        k: (lambda k=k, lp=lp: lp.images_per_s(min(args.warmup, steps[k]), steps[k])) for k, lp in loops.items()
-    }
-    fit_name = f"train.py default: Trainer.fit, {', '.join(f'{k}={v}' for k, v in options.items())}"
-    arms[fit_name] = lambda: trainer_fit(dm, options, args.warmup, args.steps)
-    if not args.no_compile and not options["compile"]:  # the same with module.compile=true
-        arms["train.py with module.compile=true"] = lambda: trainer_fit(
-            dm, {**options, "compile": True}, args.warmup, args.steps
+    base = compose([f"data.root={DATA_ROOT}", *args.overrides])
+    auto, reason = resolve_precision("auto", base.trainer.accelerator)
+    precisions = args.precision or (["32-true"] if auto == "32-true" else ["32-true", auto])
+    compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    print(f"machine: {machine()}")
+    print(f"trainer.precision=auto resolves to {auto}: {reason}\n")
+    arms: dict[str, Callable[[], dict[str, float]]] = {}
+    for precision in precisions:
+        for compiled in compiles:
+            cfg = compose([f"data.root={DATA_ROOT}", *args.overrides, f"trainer.precision={precision}"])
+            cfg.module.compile = compiled
+            tag = f"{precision}{', compiled' if compiled else ''}"
+            arms[f"bare loop, {tag}"] = lambda cfg=cfg: bare_loop(cfg, args.warmup, args.steps)
+            arms[f"train.py, {tag}"] = lambda cfg=cfg: train_py(cfg, args.warmup, args.steps)
+    results = interleaved(arms, args.rounds)
+    rows = []
+    for name, r in results.items():
+        rate = statistics.median(r["images_per_s"])
+        bare = statistics.median(results[name.replace("train.py", "bare loop")]["images_per_s"])
+        rows.append(
+            (
+                name,
+                f"{rate:.0f}",
+                f"{min(r['images_per_s']):.0f}-{max(r['images_per_s']):.0f}",
+                f"{rate / bare:.3f}x",
+                f"{statistics.median(r['first_step_s']):.1f}",
+            )
         )
-    rates: dict[str, list[float]] = {k: [] for k in arms}
-    for _ in range(args.rounds):
-        for name, fn in arms.items():
-            rates[name].append(fn())
-    ref = median(rates["plain loop, NCHW fp32 (reference)"])
-    rows = [
-        (name, f"{median(r):.0f}", f"{min(r):.0f}-{max(r):.0f}", f"{median(r) / ref:.2f}x") for name, r in rates.items()
-    ]
+    m, b = base.model, base.data.batch_size
     print(
-        f"ResNet-20, batch {BATCH}, {args.steps} timed steps (bf16: {max(3, args.steps // 6)}) after "
-        f"{args.warmup} warm-up steps, "
+        f"{m.name} ({', '.join(f'{k}={v}' for k, v in m.items() if k != 'name')}), batch {b}, "
+        f"channels_last={base.module.channels_last}; {args.steps} timed steps after {args.warmup}, "
         f"median of {args.rounds} interleaved rounds\n"
     )
-    print_table(["training path", "images/s", "range", "vs reference"], rows)
-    compiled = loops.get("plain loop, channels_last + torch.compile")
-    if compiled is not None:
-        print(f"\ntorch.compile: first step (compilation) {compiled.compile_s:.0f} s")
-    print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
+    print_table(["arm", "images/s", "range", "vs bare loop", "first step s"], rows)
+    print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

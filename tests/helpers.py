@@ -46,9 +46,14 @@ def synthetic_split(n: int, seed: int) -> Split:
     return Split(images=images.clamp(0, 255).to(torch.uint8), labels=labels)
 
 
-def synthetic_overrides(root: Path) -> list[str]:
-    """Overrides for a fast run on the synthetic data set."""
+def synthetic_overrides(root: Path, precision: str | None = "32-true") -> list[str]:
+    """Overrides for a fast run on the synthetic data set.
+
+    ``precision``: fp32 by default, so that the tests' numbers do not depend on whether the CPU that
+    runs them has bf16 instructions (``trainer.precision: auto``, tested on its own); None: ``auto``.
+    """
     return [
+        *([f"trainer.precision={precision}"] if precision else []),
         f"data.root={root}",
         "data.strict_sizes=false",
         "data.val_size=100",

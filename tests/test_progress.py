@@ -15,8 +15,9 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
-from helpers import compose_cfg
+from helpers import compose_cfg, synthetic_overrides
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -25,6 +26,7 @@ from resnet_cifar.data import cifar10
 from resnet_cifar.errors import ConfigError, DataError
 from resnet_cifar.inference import predict
 from resnet_cifar.progress import ENV, show_progress, trainer_progress
+from resnet_cifar.run import train
 from resnet_cifar.training.module import ImageClassifier
 
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
@@ -60,6 +62,32 @@ def test_lightning_bar_follows_the_switch(monkeypatch):
     assert trainer_progress({"enable_progress_bar": False}, callbacks) == off
     monkeypatch.setenv(ENV, "0")
     assert trainer_progress({}, callbacks) == off
+
+
+class BarSpy(pl.Callback):
+    """Records what the progress bar holds after each training step."""
+
+    seen: list[dict] = []
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        BarSpy.seen.append(dict(trainer.progress_bar_metrics))
+
+
+def test_training_bar_shows_the_loss_without_a_per_step_progress_bar_metric(
+    synthetic_root, tmp_path, capsys, monkeypatch
+):
+    """The loss on the bar is read at its redraws; a prog_bar=True step value would be turned into a
+    Python number after every step by Lightning (a host sync per step on a GPU)."""
+    monkeypatch.setenv(ENV, "1")
+    overrides = [o for o in synthetic_overrides(synthetic_root) if o != "~callbacks.progress_bar"]
+    overrides += ["trainer.max_epochs=1", "callbacks.progress_bar.refresh_rate=1", "report=none", "logger=none"]
+    overrides += ["+callbacks.spy._target_=test_progress.BarSpy"]
+    BarSpy.seen.clear()
+    capsys.readouterr()
+    train(compose_cfg(overrides, tmp_path))
+    bar = capsys.readouterr().out  # Lightning's bar writes to stdout
+    assert "loss=" in bar, bar[-2000:]
+    assert len(BarSpy.seen) == 8 and not any("train/loss" in m for m in BarSpy.seen)  # 400 images / 50
 
 
 # --------------------------------------------------------------------------- predict

@@ -76,6 +76,11 @@ def check_combinations(cfg: DictConfig) -> None:
         )
     if sched.get("progress") == "time" and not cfg.trainer.get("max_time"):
         raise ConfigError(NEEDS_MAX_TIME)
+    if cfg.get("module", {}).get("compile") and cfg.trainer.get("sync_batchnorm"):
+        raise ConfigError(
+            "module.compile=true with trainer.sync_batchnorm=true: torch.compile would trace SyncBatchNorm's "
+            "collectives, an untested path; set trainer.sync_batchnorm=false (the default) or module.compile=false"
+        )
     if stage.name == "linear_probe" and model.get("cifar_stem") and model.get("pretrained"):
         raise ConfigError(
             "stage=linear_probe freezes the backbone, but model.cifar_stem=true replaces its pretrained stem "

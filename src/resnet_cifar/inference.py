@@ -34,6 +34,24 @@ OUTPUT_FORMATS = (".csv", ".json")
 
 
 @dataclass
+def resolve_device(device: str) -> torch.device:
+    """``device=`` of predict: ``cpu``, ``cuda[:N]``, ``gpu[:N]`` (Lightning's spelling of cuda) or ``auto``."""
+    name = str(device).strip().lower()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "gpu" or name.startswith("gpu:"):
+        name = "cuda" + name[3:]
+    if name != "cpu" and not (name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit())):
+        raise ConfigError(f"device={device}: expected cpu, cuda, cuda:N, gpu or auto")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={device} but no CUDA GPU is visible: use device=cpu or device=auto")
+        index = int(name[5:]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"device={device} but only {torch.cuda.device_count()} CUDA GPU(s) are visible")
+    return torch.device(name)
+
+
 class Predictor:
     """A model in eval mode plus the preprocessing it was trained with."""
 
@@ -44,11 +62,7 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "cpu") -> Predictor:
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError(f"device={device} but no CUDA GPU is visible: use device=cpu or device=auto")
-        dev = torch.device(device)
+        dev = resolve_device(device)
         module, data_hp = ImageClassifier.load_trained(path, map_location=dev)
         names = list(module.hparams.get("class_names") or CLASSES)
         return cls(module, names, Preprocess.from_data_hparams(data_hp).to(dev), dev)

@@ -26,6 +26,7 @@ from resnet_cifar.schema import DataSchema, check_against
 from resnet_cifar.sweeps import in_multirun
 from resnet_cifar.training.checkpointing import resolve_ckpt_path
 from resnet_cifar.training.module import ImageClassifier
+from resnet_cifar.training.precision import apply_auto_precision
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,19 @@ def build_module(cfg: DictConfig, datamodule: CIFAR10DataModule) -> ImageClassif
         class_names=datamodule.class_names,
         **to_dict(cfg.get("module")),
     )
+
+
+def build_trainer(
+    trainer_cfg: DictConfig, callbacks: list[Any], auto: tuple[str, str] | None = None, **kwargs: Any
+) -> tuple[pl.Trainer, dict[str, str]]:
+    """The Trainer of ``trainer_cfg`` (``precision: auto`` resolved in place first) and the precision it runs.
+
+    ``auto``: ``(precision, reason)`` that ``auto`` means here instead of the machine's fastest.
+    Returns ``{"precision": ..., "precision_reason": ...}`` for ``metrics.json``.
+    """
+    precision, reason = apply_auto_precision(trainer_cfg, auto)
+    trainer = hydra.utils.instantiate(trainer_cfg, **kwargs, **trainer_progress(trainer_cfg, callbacks))
+    return trainer, {"precision": precision, "precision_reason": reason}
 
 
 def _instantiate_all(cfg: DictConfig | None) -> list[Any]:
@@ -119,9 +133,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if not loggers:  # nothing to log learning rates to (LearningRateMonitor would refuse to start)
         callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.LearningRateMonitor)]
     plugins = _instantiate_all(cfg.get("plugins"))
-    trainer: pl.Trainer = hydra.utils.instantiate(
-        cfg.trainer, logger=loggers or False, plugins=plugins or None, **trainer_progress(cfg.trainer, callbacks)
-    )
+    # Before the hyperparameters are logged: they show the precision that runs, not "auto".
+    trainer, precision = build_trainer(cfg.trainer, callbacks, logger=loggers or False, plugins=plugins or None)
     failed = True
     try:
         if loggers:
@@ -149,6 +162,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         trackers.finish(loggers, failed)
     metrics["best_ckpt"] = best
     metrics["epochs"] = trainer.current_epoch
+    metrics.update(precision)
     if trainer.is_global_zero:
         write_metrics(out_dir / "metrics.json", metrics)
         log.info("Metrics: %s", json.dumps(metrics, sort_keys=True))
@@ -182,11 +196,14 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     overrides = {} if cfg.get("tta_flip") is None else {"tta_flip": cfg.tta_flip}
     module, data_hp = ImageClassifier.load_trained(cfg.ckpt_path, **overrides)
     datamodule = build_datamodule({**data_hp, **to_dict(cfg.data)})
-    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, logger=False, **trainer_progress(cfg.trainer, []))
+    # auto: the precision the checkpoint was trained and tested with, so that eval.py repeats its numbers
+    trained = module.trained_precision
+    auto = (trained, "as the checkpoint was trained and tested") if trained else None
+    trainer, precision = build_trainer(cfg.trainer, [], auto=auto, logger=False)
     if cfg.get("report"):
         module.enable_report(to_dict(cfg.report))
     results = trainer.test(module, datamodule=datamodule)
-    metrics = {**_floats(results[0]), "ckpt_path": str(cfg.ckpt_path)}
+    metrics = {**_floats(results[0]), "ckpt_path": str(cfg.ckpt_path), **precision}
     if cfg.get("report") and trainer.is_global_zero:
         out_dir = Path(cfg.paths.output_dir)
         report_kw = {"tb_dir": out_dir / "tensorboard"}

@@ -94,7 +94,7 @@ class DataSchema:
     eval_batch_size: int = f(check=_rng(1, 65_536))
     loader: str = f(check=_choice(*LOADERS))
     num_workers: int = f(check=_rng(0, 256))
-    pin_memory: bool = f()
+    pin_memory: bool | None = f()
     on_device: bool = f()
     mean: list[float] = f(check=((lambda v: len(v) == 3), "3 values"), each=FRACTION)
     std: list[float] = f(check=((lambda v: len(v) == 3), "3 values"), each=_rng(0, 1, lo_open=True))
@@ -167,6 +167,8 @@ class ModuleSchema:
     channels_last: bool = f()
     tta_flip: bool = f()
     compile: bool = f()
+    compile_mode: str = f(check=_choice("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
+    compile_dynamic: bool | None = f()
     lr_scaling: str = f(check=_choice(*LR_SCALING))
 
 
@@ -281,10 +283,22 @@ def check_against(schema: type, values: dict[str, Any], prefix: str) -> None:
                 _check_value(f"{full}[{i}]", item, meta["each"], (typing.get_args(tp) or (None,))[0])
 
 
+def precisions() -> tuple[str, ...]:
+    """``trainer.precision`` values: ``auto`` (:mod:`resnet_cifar.training.precision`) and Lightning's own."""
+    from lightning_fabric.plugins.precision.precision import _PRECISION_INPUT_STR, _PRECISION_INPUT_STR_ALIAS
+
+    from resnet_cifar.training.precision import AUTO
+
+    return (AUTO, *typing.get_args(_PRECISION_INPUT_STR), *typing.get_args(_PRECISION_INPUT_STR_ALIAS))
+
+
 def check_trainer(trainer: dict[str, Any]) -> None:
     import pytorch_lightning as pl
 
     allowed = set(inspect.signature(pl.Trainer.__init__).parameters) - {"self"}
+    precision = trainer.get("precision")
+    if precision is not None and str(precision) not in precisions():
+        raise _fail("trainer.precision", precision, "one of " + ", ".join(precisions()))
     for key, value in trainer.items():
         if key.startswith("_") and key.endswith("_"):  # _target_, _partial_, ...
             continue

@@ -15,14 +15,12 @@ import math
 from pathlib import Path
 from typing import Any
 
-import hydra
 import pytorch_lightning as pl
 from omegaconf import DictConfig
 
 from resnet_cifar.atomic import write_json
 from resnet_cifar.config import validate_train_config
 from resnet_cifar.plain import to_dict
-from resnet_cifar.progress import trainer_progress
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +60,7 @@ def lr_find(cfg: DictConfig) -> dict[str, Any]:
     from pytorch_lightning.tuner import Tuner
 
     from resnet_cifar.evaluation.figures import save_png
-    from resnet_cifar.run import build_datamodule, build_module
+    from resnet_cifar.run import build_datamodule, build_module, build_trainer
 
     validate_train_config(cfg)
     opts = to_dict(cfg.tune)
@@ -70,13 +68,7 @@ def lr_find(cfg: DictConfig) -> dict[str, Any]:
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg.data)
     module = build_module(cfg, datamodule)
-    trainer: pl.Trainer = hydra.utils.instantiate(
-        cfg.trainer,
-        logger=False,
-        enable_checkpointing=False,
-        default_root_dir=str(out_dir),
-        **trainer_progress(cfg.trainer, []),
-    )
+    trainer, _ = build_trainer(cfg.trainer, [], logger=False, enable_checkpointing=False, default_root_dir=str(out_dir))
     finder = Tuner(trainer).lr_find(
         module,
         datamodule=datamodule,

@@ -164,6 +164,37 @@ def test_report_metrics_on_hand_made_probabilities_in_two_batches():
     ]
 
 
+def test_report_top1_is_test_acc_on_bf16_logits_whose_average_rounds_to_a_tie():
+    """Under autocast the model returns bf16 logits. Averaged with the mirror's in bf16, image 0's
+    class-1 logit (1.0078125 + 1.0) rounds to 2.0, a tie that argmax gives to class 0; in fp32 it is
+    1.00390625 and class 1 wins. test/acc and the report must decide alike: from the same fp32 logits."""
+    module = ImageClassifier(
+        model={"name": "resnet20"}, optimizer={"name": "sgd", "lr": 0.1}, scheduler={"name": "none"}, tta_flip=True
+    ).eval()
+    module.enable_report({"n_bins": 5, "max_misclassified": 2, "tta": True})
+    rest = torch.full((2, 8), -10.0)  # the other eight classes, far below
+    plain = torch.cat([torch.tensor([[1.0, 1.0078125], [0.0, 2.0]]), rest], 1).bfloat16()
+    mirrored = torch.cat([torch.tensor([[1.0, 1.0], [0.0, 2.0]]), rest], 1).bfloat16()
+    x = torch.zeros(2, 3, 32, 32)
+    x[..., 0] = 1.0  # the mirror image differs: its last column is the lit one
+    object.__setattr__(module, "_run_model", lambda inp: plain if bool(inp[0, 0, 0, 0]) else mirrored)
+    labels = torch.tensor([1, 1])
+    with torch.no_grad():
+        module._eval_step((x, labels, torch.arange(2)), module.test_acc, module.test_loss, report=True)
+    report = module.report_metrics.compute()
+    assert float(module.test_acc.compute()) == report["top1"] == report["tta"]["top1_flip_tta"] == 1.0
+    assert module.predict_logits(x).argmax(-1).tolist() == [1, 1]  # predict decides as the test loop
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_report_top1_equals_the_logged_test_acc_under_every_precision(synthetic_root, tmp_path, precision):
+    overrides = [*synthetic_overrides(synthetic_root, precision), "trainer.max_epochs=1", "module.tta_flip=true"]
+    metrics = train(compose_cfg([*overrides, "logger=none"], tmp_path))
+    assert metrics["precision"] == precision
+    assert metrics["test/top1"] == metrics["test/acc"]  # exactly: one computation from the same logits
+    assert metrics["test/top1_flip_tta"] == metrics["test/acc"]
+
+
 def test_eval_script_writes_report_with_flip_tta(run_dir, ckpt, synthetic_root, tmp_path):
     out = tmp_path / "eval_run"
     res = run_script(

@@ -205,6 +205,7 @@ def test_last_checkpoint_is_saved_by_time(tmp_path, monkeypatch):
     batch_progress = SimpleNamespace(is_last_batch=False)
     trainer = SimpleNamespace(
         global_step=1,
+        world_size=1,
         strategy=SimpleNamespace(broadcast=lambda x: x),
         fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=batch_progress)),
     )
@@ -216,3 +217,55 @@ def test_last_checkpoint_is_saved_by_time(tmp_path, monkeypatch):
     batch_progress.is_last_batch, trainer.global_step, clock["now"] = True, 4, 2000.0
     cb.on_train_batch_end(trainer, None)  # an epoch's last batch: the epoch-end save follows instead
     assert saves == [(3, "periodic")]
+
+
+def test_last_checkpoint_every_n_epochs_and_the_ddp_clock(tmp_path, monkeypatch):
+    """every_n_epochs=2: epoch-end saves after epochs 2 and 4 only, unless a time save is due then. Under DDP
+    the ranks agree on a time save through a broadcast, read every CLOCK_EVERY steps only."""
+    from types import SimpleNamespace
+
+    from resnet_cifar.training import checkpointing
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(checkpointing.time, "monotonic", lambda: clock["now"])
+    cb = checkpointing.LastCheckpoint(tmp_path, every_n_minutes=10, every_n_epochs=2)
+    saves, broadcasts = [], []
+    monkeypatch.setattr(cb, "save", lambda trainer, why: saves.append((trainer.current_epoch, why)))
+    trainer = SimpleNamespace(global_step=0, current_epoch=0, world_size=1, strategy=SimpleNamespace())
+    trainer.strategy.broadcast = lambda x: broadcasts.append(trainer.global_step) or x
+    cb.on_train_start(trainer, None)
+    for epoch in range(4):
+        trainer.current_epoch, trainer.global_step = epoch, 100 * (epoch + 1)
+        clock["now"] = 700.0 if epoch == 2 else 60.0 * epoch  # 11.7 min at the end of the third epoch
+        cb.on_train_epoch_end(trainer, None)
+    assert saves == [(1, "epoch end"), (2, "epoch end"), (3, "epoch end")]  # the third: the time was due
+    with pytest.raises(ValueError, match="every_n_epochs=0 must be a positive integer or null"):
+        checkpointing.LastCheckpoint(tmp_path, every_n_epochs=0)
+    # DDP: the broadcast (a collective) only at multiples of CLOCK_EVERY steps
+    trainer.world_size, broadcasts[:] = 2, []
+    for step in range(1, 3 * checkpointing.CLOCK_EVERY + 1):
+        trainer.global_step = step
+        cb._due(trainer)
+    assert broadcasts == [checkpointing.CLOCK_EVERY * k for k in (1, 2, 3)]
+
+
+@pytest.mark.parametrize(
+    ("saved", "current_device", "restored"),
+    [
+        ("one", 0, "one"),  # this format: the saving process's GPU
+        (["gpu0", "gpu1", "gpu2", "gpu3"], 1, "gpu1"),  # older checkpoints: one state per visible GPU
+        (["gpu0", "gpu1"], 3, "gpu1"),  # resumed where more GPUs are visible than when saved: no IndexError
+    ],
+)
+def test_cuda_random_state_restores_on_any_number_of_visible_gpus(monkeypatch, saved, current_device, restored):
+    """A checkpoint saved with 4 GPUs visible must resume with 1 (and the reverse) without indexing past them."""
+    from resnet_cifar.training import checkpointing
+
+    set_states = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current_device)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s: set_states.append(s))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda s: pytest.fail("restores every GPU's state"))
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "cuda": saved}
+    checkpointing._set_rng_state(state)
+    assert set_states == [restored]

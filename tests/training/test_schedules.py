@@ -64,7 +64,7 @@ def test_time_budget_schedule_follows_the_clock_not_the_steps():
     cfg = {"name": "onecycle", "pct_start": 0.25, "div_factor": 25.0, "final_div_factor": 1e4, "progress": "time"}
     clock = {"t": 0.0}
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.2)
-    sched = build_scheduler(cfg, opt, total_steps=1, max_epochs=-1, time_progress=lambda: clock["t"])
+    sched = build_scheduler(cfg, opt, total_steps=1, max_epochs=-1, time_progress=lambda step: clock["t"])
     seen = {}
     for t in (0.0, 0.125, 0.25, 0.625, 1.0):
         clock["t"] = t
@@ -121,3 +121,40 @@ def test_an_unbounded_run_keeps_a_constant_lr_or_says_what_to_set():
     assert build_scheduler({"name": "none"}, opt, total_steps=math.inf, max_epochs=-1) is None
     with pytest.raises(ConfigError, match="scheduler.progress=time"):
         build_scheduler({"name": "cosine"}, opt, total_steps=math.inf, max_epochs=-1)
+
+
+def test_ddp_ranks_share_rank_zeros_clock_with_a_broadcast_every_clock_every_steps():
+    """Each rank's own clock differs; the LR must not. Rank 0's progress is broadcast every CLOCK_EVERY
+    steps (a collective) and extrapolated from the step count in between, identically on every rank."""
+    from resnet_cifar.training.optim import CLOCK_EVERY, SharedProgress
+
+    clocks = {0: lambda step: 0.004 * step, 1: lambda step: 0.0047 * step + 0.01}  # rank 1 runs ahead
+    broadcasts = []
+
+    def broadcast_from_rank0(step):
+        def broadcast(value):
+            broadcasts.append(step)
+            return clocks[0](step)  # what rank 0 sent
+
+        return broadcast
+
+    ranks = {}
+    for r in (0, 1):
+        ranks[r] = SharedProgress(clocks[r], None)
+    seen = {0: [], 1: []}
+    for step in range(200):
+        for r, progress in ranks.items():
+            progress.broadcast = broadcast_from_rank0(step)
+            seen[r].append(progress(step))
+    assert seen[0] == seen[1]  # the same LR on every rank
+    assert len(broadcasts) == 2 * -(-200 // CLOCK_EVERY)  # per rank: once every CLOCK_EVERY steps
+    # rank 0's clock is linear here, so the extrapolation is exact from the second broadcast on
+    assert seen[0][CLOCK_EVERY:] == pytest.approx([0.004 * s for s in range(CLOCK_EVERY, 200)], abs=1e-9)
+    assert seen[0][-1] <= 1.0
+
+
+def test_one_process_reads_the_clock_at_every_step():
+    timer = Timer(duration="00:00:10:00")
+    progress = budget_progress(_Trainer([timer]))
+    timer.load_state_dict({"time_elapsed": {"train": 300.0}})
+    assert progress(7) == pytest.approx(0.5)

@@ -56,7 +56,11 @@ class BatchedImages(IndexedImages):
     """The tensor loader's dataset: a whole batch is fetched in one indexing operation."""
 
     def __getitems__(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        j = self.indices[torch.as_tensor(idx, dtype=torch.long, device=self.indices.device)]
+        j = self.indices[torch.as_tensor(idx, dtype=torch.long)]  # the indices stay on the host
+        if self.images.device.type == "cuda":  # data.on_device: an asynchronous copy, no sync per batch
+            j = j.pin_memory().to(self.images.device, non_blocking=True)
+        elif self.images.device != j.device:
+            j = j.to(self.images.device)
         return self.images[j], self.labels[j], j
 
 
@@ -100,6 +104,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
         batch_size, eval_batch_size: images per batch for training and for val/test.
         loader: ``"tensor"`` or ``"torchvision"`` (see the module docstring).
         num_workers: DataLoader workers (torchvision loader only; the tensor loader needs none).
+        pin_memory: pin host batches for asynchronous copies; None: when a CUDA device trains on host data.
         on_device: keep the uint8 split on the training device (tensor loader, GPUs).
         mean, std: normalisation statistics.
         image_size: side of the images fed to the model (resized when not 32).
@@ -121,7 +126,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
         eval_batch_size: int = 500,
         loader: str = "tensor",
         num_workers: int = 0,
-        pin_memory: bool = False,
+        pin_memory: bool | None = None,
         on_device: bool = False,
         mean: Sequence[float] = CIFAR10_MEAN,
         std: Sequence[float] = CIFAR10_STD,
@@ -182,7 +187,6 @@ class CIFAR10DataModule(pl.LightningDataModule):
             device = self.trainer.strategy.root_device
             train_images, test_images = train_images.to(device), test_images.to(device)
             train_labels, test_labels = train_labels.to(device), test_labels.to(device)
-            train_idx, val_idx, test_idx = train_idx.to(device), val_idx.to(device), test_idx.to(device)
         if hp.loader == "torchvision":
             train_tf, eval_tf = self._per_sample_transforms()
             self.splits = {
@@ -240,16 +244,30 @@ class CIFAR10DataModule(pl.LightningDataModule):
         sampler = EpochShuffle(len(ds), hp.seed) if train else eval_sampler(ds, self.trainer)
         loader_cls = ResumableLoader if train else DataLoader
         if hp.loader == "tensor":
-            return loader_cls(ds, batch_size=batch_size, sampler=sampler, drop_last=train, collate_fn=_as_batch)
+            return loader_cls(
+                ds,
+                batch_size=batch_size,
+                sampler=sampler,
+                drop_last=train,
+                collate_fn=_as_batch,
+                pin_memory=self._pin(),
+            )
         return loader_cls(
             ds,
             batch_size=batch_size,
             sampler=sampler,
             drop_last=train,
             num_workers=hp.num_workers,
-            pin_memory=hp.pin_memory,
+            pin_memory=self._pin(),
             persistent_workers=hp.num_workers > 0,
         )
+
+    def _pin(self) -> bool:
+        """``data.pin_memory``; null: pin host batches bound for a CUDA device (asynchronous copies)."""
+        if self.hparams.pin_memory is not None:
+            return bool(self.hparams.pin_memory)
+        on_cuda = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        return on_cuda and self.splits["train"].images.device.type == "cpu"
 
     def train_dataloader(self) -> DataLoader:
         self._train_loader = self._loader("train")
@@ -285,6 +303,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
         """``(images, labels, index)``: the index (position in the split) lets the report name images."""
         images, labels, index = batch
         if images.dtype == torch.uint8:  # tensor loader: augment and normalise on the device
+            self.augmenter.preprocess.to(images.device)  # once: its statistics follow the batches
             training = self.trainer is not None and self.trainer.training
             epoch = self.trainer.current_epoch if self.trainer is not None else 0
             images = self.augmenter(images, index, epoch, train=training)

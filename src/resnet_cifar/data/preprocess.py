@@ -28,6 +28,9 @@ class Preprocess(nn.Module):
         super().__init__()
         self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
+        # uint8 -> normalised in one multiply-add; not saved (derived from mean and std)
+        self.register_buffer("uint8_scale", 1.0 / (255.0 * self.std), persistent=False)
+        self.register_buffer("uint8_shift", -self.mean / self.std, persistent=False)
         self.image_size = int(image_size)
 
     @classmethod
@@ -41,9 +44,12 @@ class Preprocess(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         single = images.dim() == 3
         x = images.unsqueeze(0) if single else images
-        mean, std = self.mean.to(x.device), self.std.to(x.device)
-        # uint8: scaled to [0, 1] and normalised in one fused multiply-add
-        x = torch.addcmul(-mean / std, x.float(), 1.0 / (255.0 * std)) if x.dtype == torch.uint8 else (x - mean) / std
+        if self.mean.device != x.device:  # follow the input once (not two host-to-device copies per batch)
+            self.to(x.device)
+        if x.dtype == torch.uint8:  # scaled to [0, 1] and normalised in one fused multiply-add
+            x = torch.addcmul(self.uint8_shift, x.float(), self.uint8_scale)
+        else:
+            x = (x - self.mean) / self.std
         h, w = x.shape[-2:]
         if (h, w) != (self.image_size, self.image_size):
             shrink = self.image_size < min(h, w)  # antialiasing only changes a downscale

@@ -125,10 +125,10 @@ class ReportMetrics(nn.Module):
                 "recall": classwise(MulticlassRecall(**per_class), "recall"),
                 "f1": classwise(MulticlassF1Score(**per_class), "f1"),
                 "confusion_matrix": MulticlassConfusionMatrix(c),
-                "ece": MulticlassCalibrationError(c, n_bins=n_bins, norm="l1"),
             },
             compute_groups=False,
         )
+        self.ece = MulticlassCalibrationError(c, n_bins=n_bins, norm="l1")  # on probabilities
         self.nll = MeanMetric()
         self.reliability = ReliabilityBins(n_bins)
         self.mistakes = TopMistakes(max_misclassified)
@@ -138,27 +138,32 @@ class ReportMetrics(nn.Module):
 
     def update(
         self,
-        logits: torch.Tensor,
+        headline: torch.Tensor,
         target: torch.Tensor,
         index: torch.Tensor,
+        logits: torch.Tensor | None = None,
         logits_flip: torch.Tensor | None = None,
-        tta_flip: bool = False,
     ) -> None:
-        """One test batch: ``logits`` of the images as they are, ``logits_flip`` of their mirror images.
+        """One test batch.
 
-        The headline numbers use the logits the model predicts with (averaged with the
-        mirror's when ``tta_flip``), as ``test/acc`` does.
+        ``headline``: the logits the model predicts with (averaged with the mirror image's under flip
+        TTA), the very tensor ``test/acc`` is computed from, so that the report's top-1 is ``test/acc``
+        exactly under every precision: the caller casts to fp32 once. The class decisions (top-k,
+        precision, recall, F1, confusion) take these logits, the calibration numbers their softmax.
+        ``logits`` / ``logits_flip``: of the images as they are and of their mirror images, for the
+        top-1 with and without TTA (``tta``).
         """
-        logits, target = logits.float(), target.long()
-        headline = (logits + logits_flip.float()) / 2 if tta_flip else logits
+        headline, target = headline.float(), target.long()
         probs = headline.softmax(-1)
-        self.collection.update(probs, target)
+        self.collection.update(headline, target)
+        self.ece.update(probs, target)
         self.nll.update(F.nll_loss(probs.clamp_min(1e-12).log(), target), weight=len(target))
         self.reliability.update(probs, target)
         self.mistakes.update(probs, target, index)
-        if self.tta and logits_flip is not None:
+        if self.tta and logits is not None and logits_flip is not None:
+            logits, logits_flip = logits.float(), logits_flip.float()
             self.top1_no_tta.update(logits, target)
-            self.top1_flip_tta.update((logits + logits_flip.float()) / 2, target)
+            self.top1_flip_tta.update((logits + logits_flip) / 2, target)
 
     def compute(self) -> dict[str, Any]:
         """The report's numbers (synchronised over all processes): what ``metrics.json`` stores."""
@@ -181,7 +186,7 @@ class ReportMetrics(nn.Module):
             "macro_precision": sum(m["precision"] for m in per_class.values()) / len(names),
             "macro_recall": sum(m["recall"] for m in per_class.values()) / len(names),
             "macro_f1": sum(m["f1"] for m in per_class.values()) / len(names),
-            "ece": float(values["ece"]),
+            "ece": float(self.ece.compute()),
             "nll": float(self.nll.compute()),
             "per_class": per_class,
             "confusion_matrix": cm.tolist(),

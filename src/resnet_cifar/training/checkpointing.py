@@ -31,6 +31,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from resnet_cifar.atomic import atomic_write
 from resnet_cifar.errors import OutputError
+from resnet_cifar.training.optim import CLOCK_EVERY
 
 log = logging.getLogger(__name__)
 
@@ -56,23 +57,33 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def _rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # This process's GPU only: one state per visible GPU (get_rng_state_all) could not be restored
+        # where fewer GPUs are visible, and each DDP process trains on one GPU.
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is None or not torch.cuda.is_available():
+        return
+    if isinstance(cuda, (list, tuple)):  # older checkpoints: one state per GPU visible when saved
+        if not cuda:
+            return
+        cuda = cuda[min(torch.cuda.current_device(), len(cuda) - 1)]
+    torch.cuda.set_rng_state(cuda)
 
 
 class LastCheckpoint(Checkpoint):
     """Keep ``<dirpath>/last.ckpt`` current, so that a crash loses little.
 
     Saved every ``every_n_train_steps`` optimizer steps and/or ``every_n_minutes`` of
-    training (either may be null), after each epoch (validation included), at the end of
-    training and on SIGTERM. Lightning's ``ModelCheckpoint`` cannot do this in one
+    training (either may be null), after every ``every_n_epochs`` epochs (validation included;
+    null: at an epoch end only when a step or time save is due), at the end of training and on
+    SIGTERM. Epochs of a few seconds on a GPU want ``every_n_epochs`` null or large: each save of
+    a ResNet-18 writes and fsyncs ~90 MB. Lightning's ``ModelCheckpoint`` cannot do this in one
     callback: its step, time and epoch triggers are mutually exclusive, and its
     ``save_last`` only follows a top-k save.
 
@@ -89,12 +100,16 @@ class LastCheckpoint(Checkpoint):
         dirpath: str | os.PathLike,
         every_n_train_steps: int | None = None,
         every_n_minutes: float | None = 10.0,
+        every_n_epochs: int | None = 1,
         filename: str = LAST,
     ) -> None:
         if every_n_train_steps is not None and (not isinstance(every_n_train_steps, int) or every_n_train_steps < 1):
             raise ValueError(f"every_n_train_steps={every_n_train_steps!r} must be a positive integer or null")
         if every_n_minutes is not None and not every_n_minutes > 0:
             raise ValueError(f"every_n_minutes={every_n_minutes!r} must be > 0 or null")
+        if every_n_epochs is not None and (not isinstance(every_n_epochs, int) or every_n_epochs < 1):
+            raise ValueError(f"every_n_epochs={every_n_epochs!r} must be a positive integer or null")
+        self.every_n_epochs = every_n_epochs
         self.path = Path(dirpath) / filename
         self.every_n_train_steps = every_n_train_steps
         self.every_n_minutes = every_n_minutes
@@ -120,8 +135,12 @@ class LastCheckpoint(Checkpoint):
             return True
         if self.every_n_minutes is None:
             return False
+        # Under DDP the ranks must agree (saving is collective): rank 0's clock is broadcast, a collective
+        # and a host sync, so it is read every CLOCK_EVERY steps only (a save comes that many steps late).
+        if trainer.world_size > 1 and trainer.global_step % CLOCK_EVERY:
+            return False
         due = time.monotonic() - self._last_save >= 60 * self.every_n_minutes
-        return bool(trainer.strategy.broadcast(due))  # ranks must agree: saving is collective
+        return bool(trainer.strategy.broadcast(due))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last_save = time.monotonic()
@@ -131,7 +150,9 @@ class LastCheckpoint(Checkpoint):
             self.save(trainer, "periodic")
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.save(trainer, "epoch end")
+        n = self.every_n_epochs
+        if (n and (trainer.current_epoch + 1) % n == 0) or self._due(trainer):
+            self.save(trainer, "epoch end")
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.global_step != self._saved_step:

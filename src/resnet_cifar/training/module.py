@@ -25,6 +25,9 @@ from resnet_cifar.training.optim import (
     with_backbone_warmup,
 )
 
+# The checkpoint entry that records the precision the run trained and tested with.
+PRECISION_KEY = "resnet_cifar_precision"
+
 
 class ImageClassifier(pl.LightningModule):
     """Train, validate and test a :class:`~resnet_cifar.models.factory.Classifier`.
@@ -42,6 +45,9 @@ class ImageClassifier(pl.LightningModule):
         tta_flip: average the logits of each image and its mirror image at val/test time.
         compile: run the model through ``torch.compile`` (the compiled wrapper is not a submodule,
             so checkpoints keep the plain ``model.*`` keys).
+        compile_mode: ``torch.compile``'s ``mode`` (``default``, ``reduce-overhead``: CUDA graphs, ...).
+        compile_dynamic: ``torch.compile``'s ``dynamic``; False (static shapes): the training batch keeps
+            its own graph, each evaluation batch size gets one more, none is traced with symbolic sizes.
         lr_scaling: ``none`` | ``linear`` | ``sqrt``: how the learning rates grow with the number
             of processes (see :data:`~resnet_cifar.training.optim.LR_SCALING`).
     """
@@ -58,6 +64,8 @@ class ImageClassifier(pl.LightningModule):
         channels_last: bool = False,
         tta_flip: bool = False,
         compile: bool = False,
+        compile_mode: str = "default",
+        compile_dynamic: bool | None = False,
         lr_scaling: str = "none",
         load_weights: bool = True,
     ) -> None:
@@ -74,16 +82,22 @@ class ImageClassifier(pl.LightningModule):
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
         # Kept out of nn.Module's registry: same parameters, no extra state_dict keys.
-        object.__setattr__(self, "_run_model", torch.compile(self.model) if compile else self.model)
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
+        run = torch.compile(self.model, mode=compile_mode, dynamic=compile_dynamic) if compile else self.model
+        object.__setattr__(self, "_run_model", run)
+        # validate_args=False: the checks run torch.unique on the targets, a host sync at every step on a GPU
+        # (our labels are in range by construction: data/cifar10.py validates them once).
+        self.train_acc, self.val_acc, self.test_acc = (
+            MulticlassAccuracy(num_classes, average="micro", validate_args=False) for _ in range(3)
+        )
+        # Fed per-image losses: nan_strategy="disable" skips a NaN check that syncs per batch (and, in
+        # torchmetrics 1.9, drops any weight passed, so none is).
+        self.val_loss, self.test_loss = MeanMetric(nan_strategy="disable"), MeanMetric(nan_strategy="disable")
         self.val_acc_best = MaxMetric()
         self._resumed_metric_states: dict | None = None
         # The evaluation report's metrics, updated in the test loop once enable_report() was called.
         self.report_metrics: ReportMetrics | None = None
         self.test_report: dict[str, Any] | None = None
+        self.trained_precision: str | None = None  # set by load_trained from the checkpoint
 
     # ----------------------------------------------------------- forward
     def backbone_trainable(self) -> bool:
@@ -112,10 +126,10 @@ class ImageClassifier(pl.LightningModule):
         return self._run_model(x)
 
     def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Eval-time logits, averaged with the mirror image when ``tta_flip``."""
-        logits = self(x)
+        """Eval-time fp32 logits, averaged with the mirror image's when ``tta_flip`` (as :meth:`_eval_step`)."""
+        logits = self(x).float()
         if self.hparams.tta_flip:
-            logits = (logits + self(x.flip(-1))) / 2
+            logits = (logits + self(x.flip(-1)).float()) / 2
         return logits
 
     # -------------------------------------------------------------- steps
@@ -130,6 +144,8 @@ class ImageClassifier(pl.LightningModule):
         at_epoch_end = self._trainer is not None and self.trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
         names = ("val_acc_best",) if at_epoch_end else ("train_acc", "val_acc_best")
         checkpoint[metric_state.KEY] = metric_state.collect(self, names)
+        if self._trainer is not None:  # eval.py tests in the same precision by default (load_trained)
+            checkpoint[PRECISION_KEY] = str(self.trainer.precision)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._resumed_metric_states = checkpoint.get(metric_state.KEY)
@@ -138,20 +154,27 @@ class ImageClassifier(pl.LightningModule):
         x, y, _ = batch
         logits = self(x)
         loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
-        self.train_acc(logits.detach(), y)
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        # update(), not forward(): forward would also compute the batch's own accuracy, which nothing reads.
+        self.train_acc.update(logits.detach(), y)
+        # Not on the progress bar: Lightning turns a per-step progress-bar tensor into a number at every
+        # step (a host sync on a GPU); the bar reads the loss at its refreshes (training/progress_bar.py),
+        # the loggers every trainer.log_every_n_steps.
+        self.log("train/loss", loss, on_step=True, on_epoch=False)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
     def _eval_step(self, batch, acc: MulticlassAccuracy, mean_loss: MeanMetric, report: bool = False) -> None:
         x, y, index = batch
-        logits = self(x)
-        flip = self(x.flip(-1)) if self.hparams.tta_flip or (report and self.report_metrics.tta) else None
+        # Cast once: under autocast the model returns bf16/fp16 logits; test/acc, the loss and every number
+        # of the report come from these same fp32 logits, so the report's top-1 is test/acc exactly.
+        logits = self(x).float()
+        need_flip = self.hparams.tta_flip or (report and self.report_metrics.tta)
+        flip = self(x.flip(-1)).float() if need_flip else None
         headline = (logits + flip) / 2 if self.hparams.tta_flip else logits  # as predict_logits
-        acc(headline, y)
-        mean_loss(F.cross_entropy(headline, y), weight=len(y))
+        acc.update(headline, y)
+        mean_loss.update(F.cross_entropy(headline, y, reduction="none"))
         if report:
-            self.report_metrics.update(logits, y, index, flip, tta_flip=self.hparams.tta_flip)
+            self.report_metrics.update(headline, y, index, logits, flip)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._eval_step(batch, self.val_acc, self.val_loss)
@@ -166,7 +189,7 @@ class ImageClassifier(pl.LightningModule):
     def enable_report(self, options: dict[str, Any]) -> None:
         """Accumulate the evaluation report in the next test loop (see :class:`ReportMetrics`)."""
         self.report_metrics = ReportMetrics(
-            list(self.hparams.class_names or range(self.hparams.num_classes)),
+            [str(c) for c in (self.hparams.class_names or range(self.hparams.num_classes))],
             n_bins=options["n_bins"],
             max_misclassified=options["max_misclassified"],
             tta=options["tta"],
@@ -231,6 +254,8 @@ class ImageClassifier(pl.LightningModule):
                 f"ckpt_path {path} is not a resnet-cifar training checkpoint (no state_dict, hyper_parameters "
                 "or data settings)"
             )
-        module = cls(**{**ckpt["hyper_parameters"], **overrides}, load_weights=False)
+        # compile=False: evaluation and prediction would compile (tens of seconds) for a single pass
+        module = cls(**{**ckpt["hyper_parameters"], "compile": False, **overrides}, load_weights=False)
         module.load_state_dict(ckpt["state_dict"])
+        module.trained_precision = ckpt.get(PRECISION_KEY)
         return module.to(map_location).eval(), dict(data_hp)

@@ -75,9 +75,16 @@ def build_optimizer(
         include_backbone=include_backbone,
         no_decay_bn_bias=cfg.get("no_decay_bn_bias", True),
     )
+    # On CUDA, fused kernels: one launch for all parameters, and under 16-mixed GradScaler hands them its
+    # inf check instead of calling found_inf.item() (a host sync) at every step. Elsewhere torch's default.
+    params = [p for g in groups for p in g["params"]]
+    fused = {"fused": True} if params and all(p.is_cuda for p in params) else {}
     if cfg["name"] == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.get("momentum", 0.9), nesterov=cfg.get("nesterov", False))
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.get("betas", (0.9, 0.999))), eps=cfg.get("eps", 1e-8))
+        momentum, nesterov = cfg.get("momentum", 0.9), cfg.get("nesterov", False)
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov, **fused)
+    return torch.optim.AdamW(
+        groups, lr=lr, betas=tuple(cfg.get("betas", (0.9, 0.999))), eps=cfg.get("eps", 1e-8), **fused
+    )
 
 
 class WarmupDecay:
@@ -122,11 +129,16 @@ TIME_STEPS = 10_000
 NEEDS_MAX_TIME = "scheduler.progress=time needs a wall-clock budget: set trainer.max_time=DD:HH:MM:SS"
 
 
-def budget_progress(trainer: Any) -> Callable[[], float]:
-    """Fraction of ``trainer.max_time`` spent training, from Lightning's ``Timer`` callback.
+# Under DDP the ranks share rank 0's clock through a broadcast (a collective and a host sync): once in this
+# many steps; in between, progress is extrapolated from the step count, identically on every rank.
+CLOCK_EVERY = 16
+
+
+def budget_progress(trainer: Any) -> Callable[[int], float]:
+    """Fraction of ``trainer.max_time`` spent training at optimizer step ``step``, from Lightning's ``Timer``.
 
     The Timer keeps its elapsed time in checkpoints, so a resumed run continues the schedule
-    where it stopped. Under DDP rank 0's clock decides, so that every rank uses the same LR.
+    where it stopped. Under DDP every rank must use the same LR: see :class:`SharedProgress`.
     """
     from pytorch_lightning.callbacks import Timer
 
@@ -136,10 +148,33 @@ def budget_progress(trainer: Any) -> Callable[[], float]:
         raise ConfigError(NEEDS_MAX_TIME)
     duration = remaining + timer.time_elapsed()
 
-    def progress() -> float:
-        return float(trainer.strategy.broadcast(min(1.0, timer.time_elapsed() / duration)))
+    def local(step: int = 0) -> float:
+        return min(1.0, timer.time_elapsed() / duration)
 
-    return progress
+    if getattr(trainer, "world_size", 1) == 1:
+        return local
+    return SharedProgress(local, trainer.strategy.broadcast)
+
+
+class SharedProgress:
+    """Rank 0's progress, broadcast every :data:`CLOCK_EVERY` steps and extrapolated linearly in between.
+
+    Every rank computes the same value from the broadcast values and the step count, so their
+    learning rates agree without a collective at every step.
+    """
+
+    def __init__(self, local: Callable[[int], float], broadcast: Callable[[Any], Any]) -> None:
+        self.local, self.broadcast = local, broadcast
+        self.anchor: tuple[int, float] | None = None  # (step, progress) of the last broadcast
+        self.rate = 0.0  # progress per step between the last two broadcasts
+
+    def __call__(self, step: int) -> float:
+        if self.anchor is None or step - self.anchor[0] >= CLOCK_EVERY or step < self.anchor[0]:
+            value = float(self.broadcast(self.local(step)))
+            if self.anchor is not None and step > self.anchor[0]:
+                self.rate = max(0.0, (value - self.anchor[1]) / (step - self.anchor[0]))
+            self.anchor = (step, value)
+        return min(1.0, self.anchor[1] + self.rate * (step - self.anchor[0]))
 
 
 def build_scheduler(
@@ -147,12 +182,12 @@ def build_scheduler(
     optimizer: torch.optim.Optimizer,
     total_steps: int,
     max_epochs: int | None,
-    time_progress: Callable[[], float] | None = None,
+    time_progress: Callable[[int], float] | None = None,
 ) -> torch.optim.lr_scheduler.LRScheduler | None:
     """A per-step scheduler sized from ``trainer.estimated_stepping_batches``.
 
     With ``progress: time`` the same shapes run over a wall-clock budget instead of a step
-    count: ``time_progress()`` (see :func:`budget_progress`) gives the fraction spent, so a
+    count: ``time_progress(step)`` (see :func:`budget_progress`) gives the fraction spent, so a
     budget preset ends its schedule in time on a fast or a slow machine.
     """
     name = cfg["name"]
@@ -161,7 +196,7 @@ def build_scheduler(
             raise ConfigError(NEEDS_MAX_TIME)
         fn = _time_shape(cfg)
         return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda _: fn(min(TIME_STEPS - 1, int(time_progress() * TIME_STEPS)))
+            optimizer, lambda step: fn(min(TIME_STEPS - 1, int(time_progress(step) * TIME_STEPS)))
         )
     if name == "none" and not cfg.get("warmup_epochs", 0):
         return None
