@@ -1,8 +1,8 @@
 """Export a checkpoint to ONNX, torch.export and safetensors: `python export.py ckpt_path=...`
 (= `resnet-cifar-export ...`).
 
-A thin wrapper for a checkout: the command, its configs and its logic live in the package
-(resnet_cifar.cli, resnet_cifar/conf).
+A thin wrapper for a checkout: the command and its logic live in the package (resnet_cifar.cli),
+its configs in conf/ (shipped inside the package by pip install).
 """
 
 from resnet_cifar.cli import export

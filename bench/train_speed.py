@@ -39,8 +39,8 @@ import torch.nn.functional as F
 from _common import DATA_ROOT, compose, machine, print_table
 from omegaconf import DictConfig, open_dict
 
-from resnet_cifar.config import to_dict
 from resnet_cifar.models.factory import build_model
+from resnet_cifar.plain import to_dict
 from resnet_cifar.run import build_datamodule, train
 from resnet_cifar.training.optim import build_optimizer, build_scheduler
 from resnet_cifar.training.precision import resolve_precision

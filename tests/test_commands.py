@@ -1,17 +1,20 @@
-"""The console commands: installed from a wheel-like `pip install .`, run from any directory,
-with the configs shipped in the package; the preflight checks of the one runner."""
+"""The console commands: installed from the project's wheel (a regular `pip install .`), run from any
+directory, with conf/ shipped inside the package; the preflight checks of the one runner."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import site
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 import yaml
+from compose_all import compose_all
 from helpers import REPO, compose_cfg, run_script, synthetic_overrides
 
 from resnet_cifar import cli
@@ -21,27 +24,47 @@ COMMANDS = ("resnet-cifar-train", "resnet-cifar-eval", "resnet-cifar-predict", "
 
 
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory) -> Path:
-    """A venv with the project installed by a regular (not editable) `pip install .`.
+def wheel(tmp_path_factory) -> Path:
+    """The project's wheel, built offline by this interpreter's pip and setuptools (the dev extra's).
 
-    The venv sees this machine's packages (torch etc.); the project itself is built from a copy
-    of the checkout, so that nothing of the source tree can be found at run time.
+    Built from a copy of what the build reads (no run outputs, no .venv, no build leftovers).
     """
-    tmp = tmp_path_factory.mktemp("install")
+    tmp = tmp_path_factory.mktemp("wheel")
     src = tmp / "src_copy"
-
-    def skip(folder: str, names: list[str]) -> set[str]:  # run outputs of the checkout, build leftovers
-        top = {".git", "logs", "data", "outputs", "build"} if Path(folder) == REPO else set()
-        return {n for n in names if n in top or n.endswith(".egg-info") or n == "__pycache__"}
-
-    shutil.copytree(REPO, src, ignore=skip)
-    venv = tmp / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
-    # This interpreter's pip and setuptools build it (offline); the venv gets only the project.
-    pip = [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "-q", "--no-deps"]
-    proc = subprocess.run([*pip, "--no-build-isolation", str(src)], capture_output=True, text=True)
+    for name in ("src", "conf"):
+        shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, src / name)
+    pip = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp)]
+    proc = subprocess.run([*pip, str(src)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     shutil.rmtree(src)  # the installed package must not depend on the checkout it came from
+    (built,) = tmp.glob("resnet_cifar-*.whl")
+    return built
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory, wheel) -> Path:
+    """A venv with the project's wheel installed (a regular `pip install`, not editable); its bin/.
+
+    The venv sees this interpreter's packages (torch etc.) through a .pth file listing its
+    site-packages: an interpreter in a venv (the README's) or not (CI's). The .pth files of those
+    folders are not run, so an editable install of this checkout there stays invisible.
+    """
+    venv = tmp_path_factory.mktemp("install") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    outer = [p for p in site.getsitepackages() if Path(p).is_dir()]
+    (Path(purelib) / "_outer_site_packages.pth").write_text("\n".join(outer) + "\n")
+    pip = [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps"]
+    proc = subprocess.run([*pip, str(wheel)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
     return venv / "bin"
 
 
@@ -83,6 +106,39 @@ def test_installed_train_runs_from_an_empty_directory(installed, synthetic_root,
         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
     )
     assert str(installed.parent) in where.stdout, where.stdout  # not the checkout's package
+
+
+def test_the_wheel_ships_every_module_and_config(wheel):
+    """pyproject.toml lists the packages (conf/ comes from outside src/): one left out fails here."""
+    package, conf = REPO / "src" / "resnet_cifar", REPO / "conf"
+    expected = {f"resnet_cifar/{p.relative_to(package).as_posix()}" for p in package.rglob("*.py")}
+    expected |= {f"resnet_cifar/conf/{p.relative_to(conf).as_posix()}" for p in conf.rglob("*.yaml")}
+    shipped = {n for n in zipfile.ZipFile(wheel).namelist() if n.startswith("resnet_cifar/")}
+    assert shipped == expected, (sorted(expected - shipped), sorted(shipped - expected))
+
+
+def test_the_installed_package_composes_every_config_group(installed, tmp_path):
+    """From an empty directory, the wheel's configs compose every option exactly as the checkout's conf/."""
+    proc = subprocess.run(
+        [str(installed / "python"), str(REPO / "tests" / "compose_all.py")],
+        cwd=tmp_path,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert Path(result["config_dir"]).is_relative_to(installed.parent), result["config_dir"]  # the packaged copy
+    expected = compose_all(REPO / "conf")
+    assert sorted(result["composed"]) == sorted(expected)
+    for choice, cfg in expected.items():
+        assert result["composed"][choice] == cfg, choice
+    # the command a user types
+    proc = _run_installed(installed, "resnet-cifar-train", "--cfg", "job", "model=resnet32", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert yaml.safe_load(proc.stdout) == {k: v for k, v in expected["model/resnet32"].items() if k != "hydra"}
+    assert not any(tmp_path.iterdir())  # --cfg writes nothing
 
 
 def test_finetune_composes_the_weights_preprocessing_and_lr(tmp_path):

@@ -22,11 +22,12 @@ from hydra import compose, initialize_config_dir
 
 from resnet_cifar import CONFIG_DIR
 from resnet_cifar.cli import unwritable_reason
-from resnet_cifar.config import to_dict, validate_train_config
+from resnet_cifar.config import validate_train_config
 from resnet_cifar.data import cifar10
 from resnet_cifar.errors import ConfigError, DataError, OutputError, WeightsError
 from resnet_cifar.models.factory import build_model
 from resnet_cifar.models.weights import safe_load
+from resnet_cifar.plain import to_dict
 from resnet_cifar.run import train, write_metrics
 from resnet_cifar.schema import check_schema
 from resnet_cifar.training.checkpointing import atomic_torch_save

@@ -1,7 +1,7 @@
 """The four commands and the one runner that wraps them.
 
 ``resnet-cifar-train``, ``-eval``, ``-predict`` and ``-export`` (and the ``train.py`` ... scripts of
-a checkout, which call them) are Hydra apps over the configs shipped in ``resnet_cifar/conf``.
+a checkout, which call them) are Hydra apps over the configs of ``conf/`` (``resnet_cifar.CONFIG_DIR``).
 Each goes through :func:`command`: checks on the command line before Hydra creates the run
 directory (:func:`preflight`), then :func:`run_task`, which turns user errors into one line on
 stderr and a non-zero exit, records every outcome in ``status.json`` and handles SIGTERM.

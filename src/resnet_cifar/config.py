@@ -7,23 +7,14 @@ bad value and what is allowed.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from resnet_cifar.errors import ConfigError
 from resnet_cifar.models.factory import CIFAR_MODELS
+from resnet_cifar.plain import to_dict
 from resnet_cifar.schema import check_schema
 from resnet_cifar.training.optim import NEEDS_MAX_TIME
-
-
-def to_dict(cfg: DictConfig | dict | None) -> dict[str, Any]:
-    """A resolved plain-Python copy (safe to pickle into checkpoints with ``weights_only``)."""
-    if cfg is None:
-        return {}
-    if isinstance(cfg, DictConfig):
-        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    return dict(cfg)
 
 
 def validate_train_config(cfg: DictConfig) -> None:

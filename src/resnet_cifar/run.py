@@ -13,16 +13,17 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from resnet_cifar import trackers
 from resnet_cifar.atomic import write_json
-from resnet_cifar.config import to_dict, validate_train_config
+from resnet_cifar.config import validate_train_config
 from resnet_cifar.data.datamodule import CIFAR10DataModule
 from resnet_cifar.errors import ConfigError, WeightsError
 from resnet_cifar.evaluation.report import save_report
 from resnet_cifar.models.weights import safe_load
+from resnet_cifar.plain import to_dict
 from resnet_cifar.progress import trainer_progress
 from resnet_cifar.schema import DataSchema, check_against
 from resnet_cifar.sweeps import in_multirun
-from resnet_cifar.training import trackers
 from resnet_cifar.training.checkpointing import resolve_ckpt_path
 from resnet_cifar.training.module import ImageClassifier
 from resnet_cifar.training.precision import apply_auto_precision

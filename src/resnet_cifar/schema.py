@@ -197,7 +197,7 @@ class TrainSchema:
     report: dict | None = f()
     # The LR range test (conf/tune/lr_find.yaml; read by resnet_cifar.tune).
     tune: dict | None = f()
-    # Values shared by the transfer-study presets (conf/experiment/_transfer.yaml).
+    # Values shared by the transfer-study presets (conf/_experiment_transfer.yaml).
     transfer: dict | None = f()
 
 

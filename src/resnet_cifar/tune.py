@@ -19,7 +19,8 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig
 
 from resnet_cifar.atomic import write_json
-from resnet_cifar.config import to_dict, validate_train_config
+from resnet_cifar.config import validate_train_config
+from resnet_cifar.plain import to_dict
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import torch
 from pytorch_lightning.loggers import Logger, TensorBoardLogger
 
 from resnet_cifar.evaluation import figures
-from resnet_cifar.training.trackers import log_figure
+from resnet_cifar.trackers import log_figure
 
 log = logging.getLogger(__name__)
 

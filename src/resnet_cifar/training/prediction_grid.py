@@ -6,13 +6,13 @@ import torch
 from pytorch_lightning import Callback, LightningModule, Trainer
 
 from resnet_cifar.evaluation.figures import image_grid_figure
-from resnet_cifar.training.trackers import image_loggers, log_figure
+from resnet_cifar.trackers import image_loggers, log_figure
 
 
 class ValidationPredictionGrid(Callback):
     """Every ``every_n_epochs`` (and after the last epoch), log a grid of the same validation
     images with predicted class, probability and true class as ``val/predictions`` to every
-    logger that takes images (TensorBoard, MLflow, W&B: :func:`~resnet_cifar.training.trackers.log_figure`).
+    logger that takes images (TensorBoard, MLflow, W&B: :func:`~resnet_cifar.trackers.log_figure`).
 
     The images are fixed for the whole run (round-robin over classes in validation order), so
     the grids of successive epochs show how the predictions change. Without such a logger

@@ -158,7 +158,7 @@ def test_finish_ends_the_wandb_run_so_the_next_run_does_not_join_it(tmp_path, mo
     import wandb
     from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
-    from resnet_cifar.training import trackers
+    from resnet_cifar import trackers
 
     for name in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
         monkeypatch.setenv(name, str(tmp_path / name.lower()))

@@ -3,7 +3,8 @@
 Lightning gives its loggers a common API for scalars and hyperparameters, not for images
 (``TensorBoardLogger`` has none, ``MLFlowLogger`` none, ``WandbLogger.log_image`` its own), and
 ``WandbLogger`` leaves its run open after the Trainer ends. The report and the prediction grid
-log their figures through :func:`log_figure`; ``run.train`` ends the runs with :func:`finish`.
+log their figures through :func:`log_figure` (so it sits below both evaluation and training);
+``run.train`` ends the runs with :func:`finish`.
 """
 
 from __future__ import annotations
