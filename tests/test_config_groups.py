@@ -110,3 +110,18 @@ def test_each_preset_composes_as_before(composed, preset, model, stage, expected
         assert OmegaConf.to_container(cfg.transfer) == shared["transfer"]
         side = "source" if preset == "transfer_source" else "target"
         assert list(cfg.data.classes) == shared["transfer"][f"{side}_classes"]
+
+
+@pytest.mark.parametrize(("override", "name"), [([], r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d"), (["run_name=first"], "first")])
+def test_the_run_directory_is_named_by_run_name_or_the_start_time(override, name):
+    """run_name: null (the default) names the run by its start time; an unnamed run in a directory called
+    'None' would share it with every other unnamed run (and ckpt_path=last would resume a stranger's)."""
+    import re
+
+    import resnet_cifar.cli  # noqa: F401 - registers the resolver the run directory uses
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=override, return_hydra_config=True)
+    run_dir = OmegaConf.select(cfg, "hydra.run.dir")
+    assert re.fullmatch(rf"logs/train/runs/{name}", run_dir), run_dir

@@ -23,6 +23,7 @@ from typing import Any
 
 import hydra
 from hydra.errors import InstantiationException
+from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from resnet_cifar import CONFIG_DIR
@@ -31,6 +32,10 @@ from resnet_cifar.progress import show_progress
 from resnet_cifar.sweeps import failed_objective, in_multirun, write_status
 
 log = logging.getLogger("resnet_cifar")
+
+# ${resnet_cifar.either:A,B}: A unless it is null, else B (the run directory: run_name or the start time).
+# OmegaConf's oc.select falls back only for a missing key, not for a null one: it named every unnamed run "None".
+OmegaConf.register_new_resolver("resnet_cifar.either", lambda a, b: b if a is None else a, replace=True)
 EXIT_USER_ERROR = 2
 EXIT_TERMINATED = 128 + 15  # the shell's status of a process ended by SIGTERM: not finished, resumable
 

@@ -10,8 +10,8 @@ import torch
 import yaml
 from helpers import compose_cfg, synthetic_overrides
 
-from resnet_cifar.config import to_dict
 from resnet_cifar.errors import ConfigError
+from resnet_cifar.plain import to_dict
 from resnet_cifar.run import train
 from resnet_cifar.schema import check_schema
 from resnet_cifar.training import precision as prec
