@@ -148,6 +148,7 @@ def test_killed_multirun_continues_where_it_stopped(tmp_path, synthetic_root):
 
     again = subprocess.run(command, cwd=tmp_path, env=train_env(), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
+    assert "1 of its jobs completed earlier and are skipped; 1 run again" in again.stdout + again.stderr
     jobs = job_dirs(sweep)
     assert [read(d / "status.json")["status"] for d in jobs] == ["completed"] * 4
     # job 0: not trained again, its results untouched

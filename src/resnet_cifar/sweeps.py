@@ -418,7 +418,8 @@ def write_table(runs: list[dict[str, Any]], metric: str, sweep_dir: Path) -> tup
     lines = [
         f"# Sweep summary: {sweep_dir}",
         "",
-        f"Sorted by `{metric}`; status from each job's status.json (`unknown`: the job wrote none).",
+        f"Sorted by `{metric}`; status from each job's status.json (`running`: still running, or killed; "
+        "`unknown`: the job wrote none).",
         "",
     ]
     header = ["job", "status", *keys, *shown, "error"]
@@ -554,6 +555,15 @@ class SweepReport(Callback):
             print(f"error: {conflict}", file=sys.stderr, flush=True)
             sys.exit(EXIT_CONFLICT)
         self.total = planned_jobs(config)
+        sweep_dir = OmegaConf.select(config, "hydra.sweep.dir", default=None)
+        earlier = load_runs(sweep_dir) if sweep_dir is not None and Path(str(sweep_dir)).is_dir() else []
+        if earlier:
+            done = sum(r["status"] == COMPLETED for r in earlier)
+            log.info(
+                "Continuing the sweep in %s: %d of its jobs completed earlier and are skipped; %d run again, "
+                "from their last.ckpt where they have one",
+                sweep_dir, done, len(earlier) - done,
+            )  # fmt: skip
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         """After each job of a multirun, one status line on stderr (when progress is shown)."""
