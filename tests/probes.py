@@ -3,15 +3,18 @@
 - :class:`RankDigest`: each rank writes, at the end of every training epoch, a digest of its
   parameters, so a test can check that the ranks stayed identical (gradients synchronised).
 - :class:`CrashAt`: raises a ``RuntimeError`` at a given training step (a job that crashes mid-run).
+- :class:`HoldAt`: stops one job of a multirun at a given step until the test kills the sweep.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from hydra.core.hydra_config import HydraConfig
 
 
 class RankDigest(pl.Callback):
@@ -37,3 +40,17 @@ class CrashAt(pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
         if trainer.global_step >= self.step:
             raise RuntimeError(f"simulated crash at step {trainer.global_step}")
+
+
+class HoldAt(pl.Callback):
+    """In multirun job ``job``, before training step ``step`` (``step`` steps done): write ``marker`` and
+    sleep, so that a test can kill the sweep at a known point. Once: not when ``marker`` exists, so
+    the same command run again goes through."""
+
+    def __init__(self, job: int, step: int, marker: str) -> None:
+        self.job, self.step, self.marker = job, step, Path(marker)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        if trainer.global_step == self.step and HydraConfig.get().job.num == self.job and not self.marker.exists():
+            self.marker.write_text(str(trainer.global_step))
+            time.sleep(600)

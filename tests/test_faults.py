@@ -266,10 +266,11 @@ def message_pattern(row: str) -> str:
     )
 
 
-# Rows a command line cannot provoke on a healthy machine, and the test that covers each.
+# Rows that one command line cannot provoke (on a healthy machine, without an earlier sweep), and the test of each.
 COVERED_ELSEWHERE = {
     "cannot write checkpoint": "test_full_disk_while_saving_is_a_clear_error_and_keeps_earlier_outputs",
     "<feature> needs": "test_commands.py::test_a_missing_extra_through_the_command_is_one_line",
+    "hydra.sweep.dir=<dir> holds": "test_sweeps.py::test_killed_multirun_continues_where_it_stopped",
 }
 
 
@@ -300,6 +301,7 @@ def test_every_readme_error_row_through_a_real_run(synthetic_root, tmp_path):
         "stage=linear_probe freezes": (["model=resnet18", "stage=linear_probe", "model.cifar_stem=true"], {}),
         "scheduler.progress=time": (["++scheduler.progress=time", "scheduler.warmup_epochs=0"], {}),
         "stage.backbone_warmup_epochs=<n> warms up": (["stage.backbone_warmup_epochs=1"], {}),
+        "data.fold=<i> must be": (["data.num_folds=2", "data.fold=2"], {}),
         "<TORCH_HOME>/hub/checkpoints": (
             ["model=resnet18", "model.pretrained=true"],
             {"TORCH_HOME": str(tmp_path / "torch_home")},

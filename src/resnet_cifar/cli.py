@@ -8,7 +8,9 @@ stderr and a non-zero exit, records every outcome in ``status.json`` and handles
 
 In a Hydra multirun a failing job must not end the sweep: the failure is recorded in the
 job's ``status.json`` (see :mod:`resnet_cifar.sweeps`) and the job returns ``failed_value``;
-the sweep exits non-zero at its end (``SweepReport``).
+the sweep exits non-zero at its end (``SweepReport``). The same multirun run again in the same
+``hydra.sweep.dir`` continues it: each training job skips itself if it completed, and resumes
+from its ``last.ckpt`` if it was interrupted (:func:`continue_sweep_job`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -29,7 +32,16 @@ from omegaconf.errors import OmegaConfBaseException
 from resnet_cifar import CONFIG_DIR
 from resnet_cifar.errors import UserError, require_extra
 from resnet_cifar.progress import show_progress
-from resnet_cifar.sweeps import failed_objective, in_multirun, write_status
+from resnet_cifar.sweeps import (
+    COMPLETED,
+    RUNNING,
+    EarlierAttempt,
+    SweepConflict,
+    earlier_attempt,
+    failed_objective,
+    in_multirun,
+    write_status,
+)
 
 log = logging.getLogger("resnet_cifar")
 
@@ -71,12 +83,21 @@ def _user_error_message(e: BaseException) -> str | None:
     return None
 
 
-def run_task(task: Callable[..., Any], *args: Any, failed_value: Any = None) -> Any:
+def run_task(
+    task: Callable[..., Any], *args: Any, failed_value: Any = None, status: dict[str, Any] | None = None
+) -> Any:
     """Run ``task``; on a user error print ``error: <message>`` and exit with status 2.
 
-    Every outcome is written to the run directory's ``status.json``. In a multirun, a user
-    error or a crash is logged and recorded, and ``failed_value`` returned, so the sweep goes on.
+    Every outcome is written to the run directory's ``status.json`` (``running`` first, so that a
+    job killed outright leaves its overrides; ``status``: more fields for every write). In a
+    multirun, a user error or a crash is logged and recorded, and ``failed_value`` returned, so
+    the sweep goes on.
     """
+
+    def write(state: str, error: BaseException | None = None, message: str | None = None) -> None:
+        write_status(state, error, message, status)
+
+    write(RUNNING)
     try:
         result = task(*args)
     except SystemExit as exc:  # Lightning's SIGTERMException is a SystemExit
@@ -85,23 +106,23 @@ def run_task(task: Callable[..., Any], *args: Any, failed_value: Any = None) -> 
             raise
         # Lightning stopped at a batch end; LastCheckpoint has saved last.ckpt
         log.warning("Stopped by SIGTERM")
-        write_status("terminated", exc, "stopped by SIGTERM (signal 15); resumable with ckpt_path=last")
+        write("terminated", exc, "stopped by SIGTERM (signal 15); resumable with ckpt_path=last")
         sys.exit(EXIT_TERMINATED)
     except Exception as exc:
         message = _user_error_message(exc)
         if message is None:  # a crash: keep its traceback
-            write_status("failed", exc, f"{type(exc).__name__}: {exc}".strip().splitlines()[0])
+            write("failed", exc, f"{type(exc).__name__}: {exc}".strip().splitlines()[0])
             if not in_multirun():
                 raise
             log.exception("Job failed; the sweep goes on")
             return failed_value
         log.error(message)
         print(f"error: {message}", file=sys.stderr, flush=True)
-        write_status("failed", exc, message)
+        write("failed", exc, message)
         if in_multirun():
             return failed_value
         sys.exit(EXIT_USER_ERROR)
-    write_status("completed")
+    write(COMPLETED)
     return result
 
 
@@ -181,18 +202,57 @@ def preflight(argv: Sequence[str]) -> str | None:
     return None
 
 
-def command(task: Callable[[Any], Any], config_name: str, sweepable: bool = False) -> Callable[[], Any]:
+def continue_sweep_job(cfg: Any) -> tuple[EarlierAttempt | None, dict[str, Any]]:
+    """Continue this multirun job from what an earlier run of the same sweep left in its directory.
+
+    Returns ``(completed, status fields)``: ``completed`` is the earlier attempt if it completed
+    (skip the job, leave its files as they are), else None; then, if the job's directory holds a
+    last checkpoint (killed, stopped or crashed mid-run), ``cfg.ckpt_path`` becomes ``last`` and
+    the status records ``resumed_from``. A directory that holds another job's results stops the
+    sweep (exit 2) before anything of that job is overwritten.
+    """
+    hc = HydraConfig.get()
+    try:
+        earlier = earlier_attempt(hc.runtime.output_dir, list(hc.overrides.task))
+    except SweepConflict as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_USER_ERROR)
+    if earlier is None:
+        return None, {}
+    if earlier.status == COMPLETED:
+        log.info("Job %s completed in an earlier run of this sweep: skipped (its results are kept)", hc.job.num)
+        return earlier, {}
+    from resnet_cifar.training.checkpointing import find_last_checkpoint
+
+    found = find_last_checkpoint(cfg.paths.output_dir, OmegaConf.select(cfg, "callbacks.last_checkpoint.dirpath"))
+    if found is None:
+        log.info("Job %s (%s in an earlier run of this sweep) starts again: no checkpoint", hc.job.num, earlier.status)
+        return None, {}
+    log.info("Job %s (%s in an earlier run of this sweep) resumes from %s", hc.job.num, earlier.status, found)
+    cfg.ckpt_path = "last"  # the job's own progress, whatever checkpoint it started from
+    return None, {"resumed_from": str(found)}
+
+
+def command(
+    task: Callable[[Any], Any], config_name: str, objective: Callable[[Any, dict[str, float]], Any] | None = None
+) -> Callable[[], Any]:
     """A console command: :func:`preflight`, then the Hydra app ``config_name`` running ``task``.
 
-    ``sweepable``: in a multirun a failed job returns the sweeper's worst value
-    (:func:`~resnet_cifar.sweeps.failed_objective`) instead of stopping the other jobs.
+    ``objective`` makes the command sweepable: in a multirun a failed job returns the sweeper's
+    worst value (:func:`~resnet_cifar.sweeps.failed_objective`) instead of stopping the other
+    jobs, and a rerun of the sweep continues it (:func:`continue_sweep_job`); a job that completed
+    earlier returns ``objective(cfg, its stored metrics)`` without running again.
     """
 
     # An absolute path: the same configs from a checkout, an editable or a regular install.
     @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=config_name)
     def app(cfg: Any) -> Any:
-        failed_value = failed_objective() if sweepable and in_multirun() else None
-        return run_task(task, cfg, failed_value=failed_value)
+        if objective is None or not in_multirun():
+            return run_task(task, cfg)
+        completed, status = continue_sweep_job(cfg)
+        if completed is not None:
+            return objective(cfg, completed.metrics) if completed.metrics else None
+        return run_task(task, cfg, failed_value=failed_objective(), status=status)
 
     def main() -> Any:
         message = None if any(a in ("-h", "--help", "--hydra-help") for a in sys.argv[1:]) else preflight(sys.argv[1:])
@@ -219,6 +279,12 @@ def _train(cfg: Any) -> Any:
     return objective(cfg, train(cfg))
 
 
+def _objective(cfg: Any, metrics: dict[str, float]) -> Any:
+    from resnet_cifar.run import objective
+
+    return objective(cfg, metrics)
+
+
 def _evaluate(cfg: Any) -> Any:
     from resnet_cifar.run import evaluate
 
@@ -238,7 +304,7 @@ def _export(cfg: Any) -> Any:
 
 
 # Imported lazily inside the tasks so that `--help` answers at once.
-train = command(_train, "train", sweepable=True)
+train = command(_train, "train", objective=_objective)
 evaluate = command(_evaluate, "eval")
 predict = command(_predict, "predict")
 export = command(_export, "export")

@@ -91,7 +91,17 @@ def check_combinations(cfg: DictConfig) -> None:
         for name, cb in (cfg.get("callbacks") or {}).items()
         if isinstance(cb, DictConfig) and str(cb.get("monitor") or "").startswith("val/")
     ]
-    if data.val_size == 0 and monitors:
+    num_folds, fold = data.get("num_folds"), data.get("fold")
+    if num_folds and fold is None:
+        raise ConfigError(
+            f"data.num_folds={num_folds} needs data.fold: the fold to validate on, 0..{num_folds - 1} "
+            f"(all of them: -m 'data.fold=range(0,{num_folds})')"
+        )
+    if fold is not None and not num_folds:
+        raise ConfigError(f"data.fold={fold} needs data.num_folds=K, the number of cross-validation folds")
+    if fold is not None and fold >= num_folds:
+        raise ConfigError(f"data.fold={fold} must be < data.num_folds={num_folds} (the folds are 0..{num_folds - 1})")
+    if data.val_size == 0 and not num_folds and monitors:
         raise ConfigError(
             f"data.val_size=0 leaves no validation set, but {monitors[0]} watches a val/ metric: "
             "expected data.val_size >= 1, or ~callbacks.model_checkpoint"

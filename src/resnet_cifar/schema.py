@@ -105,6 +105,8 @@ class DataSchema:
     )
     train_per_class: int | None = f(check=_rng(1, 5000))
     strict_sizes: bool = f()
+    num_folds: int | None = f(check=_rng(2, 1000))
+    fold: int | None = f(check=_rng(0, 999))
 
 
 @dataclass

@@ -14,7 +14,7 @@ from helpers import compose_cfg
 from resnet_cifar.config import validate_train_config
 from resnet_cifar.data import cifar10
 from resnet_cifar.data.datamodule import CIFAR10DataModule
-from resnet_cifar.data.splits import stratified_split
+from resnet_cifar.data.splits import stratified_kfold, stratified_split
 from resnet_cifar.errors import ConfigError, DataError
 
 
@@ -97,6 +97,43 @@ def test_stratified_split_rounds_to_the_exact_size():
     assert len(val) == 4 and len(train) == 11
 
 
+def test_kfold_partitions_the_images_stratified_and_seeded():
+    """Uneven classes (103, 57, 40 images), 5 folds: every image in exactly one fold, each class spread
+    evenly over the folds, the folds' sizes within one, the same folds for the same seed."""
+    shuffle = torch.randperm(200, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0] * 103 + [1] * 57 + [2] * 40)[shuffle]
+    folds = [stratified_kfold(labels, 5, i, seed=3) for i in range(5)]
+    vals = [val.tolist() for _, val in folds]
+    assert sorted(i for val in vals for i in val) == list(range(200))  # a partition
+    for train, val in folds:  # the other folds are the training images
+        assert sorted(train.tolist() + val.tolist()) == list(range(200)) and not set(train.tolist()) & set(val.tolist())
+        assert train.tolist() == sorted(train.tolist()) and val.tolist() == sorted(val.tolist())
+    assert {len(v) for v in vals} == {40}
+    per_class = torch.stack([torch.bincount(labels[val], minlength=3) for _, val in folds])  # fold x class
+    assert per_class.sum(0).tolist() == [103, 57, 40]
+    assert (per_class.max(0).values - per_class.min(0).values).tolist() == [1, 1, 0]  # 20.6, 11.4, 8 per fold
+    again = [stratified_kfold(labels, 5, i, seed=3)[1] for i in range(5)]
+    assert all(torch.equal(a, b) for a, (_, b) in zip(again, folds, strict=True))
+    assert not torch.equal(stratified_kfold(labels, 5, 0, seed=4)[1], folds[0][1])
+    with pytest.raises(ConfigError, match=r"data.fold=5 must be in \[0, 4\]"):
+        stratified_kfold(labels, 5, 5, seed=3)
+
+
+def test_datamodule_validates_on_a_fold_with_classes_and_budget(synthetic_root):
+    """The fold replaces the hold-out split; a class subset and a label budget still apply, the test set stays."""
+    full = make_dm(synthetic_root, num_folds=5, fold=2)
+    labels = full.splits["train"].labels
+    _, fold_idx = stratified_kfold(labels, 5, 2, seed=0)
+    assert torch.equal(full.splits["val"].indices, fold_idx) and len(full.splits["train"]) == 400
+    assert len(full.splits["test"]) == 100
+    dm = make_dm(synthetic_root, num_folds=5, fold=2, classes=[1, 3, 5], train_per_class=20)
+    val, train = dm.splits["val"].indices, dm.splits["train"].indices
+    assert torch.equal(val, fold_idx[torch.isin(labels[fold_idx], torch.tensor([1, 3, 5]))])
+    assert not set(train.tolist()) & set(fold_idx.tolist())
+    assert torch.bincount(dm.splits["train"].labels[train]).tolist() == [20, 20, 20]  # relabelled 0..2
+    assert len(dm.splits["test"]) == int(torch.isin(full.splits["test"].labels, torch.tensor([1, 3, 5])).sum())
+
+
 def test_datamodule_split_and_batches(synthetic_root):
     dm = make_dm(synthetic_root)
     assert [len(dm.splits[s]) for s in ("train", "val", "test")] == [400, 100, 100]
@@ -147,6 +184,10 @@ def test_torchvision_loader_matches_tensor_loader_without_augmentation(synthetic
         (["data.augment.autoaugment=true"], "needs the per-sample pipeline"),
         (["+data.augment.rotate=5"], "data.augment.rotate is not a known key"),
         (["data.classes=[3]"], "data.classes"),
+        (["data.num_folds=1", "data.fold=0"], "data.num_folds=1: expected a number in [2, 1000]"),
+        (["data.num_folds=5"], "data.num_folds=5 needs data.fold: the fold to validate on, 0..4"),
+        (["data.fold=0"], "data.fold=0 needs data.num_folds=K"),
+        (["data.num_folds=5", "data.fold=5"], "data.fold=5 must be < data.num_folds=5 (the folds are 0..4)"),
     ],
 )
 def test_bad_data_config(overrides, message, tmp_path):

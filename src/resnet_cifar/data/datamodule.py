@@ -26,7 +26,7 @@ from resnet_cifar.data import cifar10
 from resnet_cifar.data.augment import BatchAugment
 from resnet_cifar.data.loader import ResumableLoader
 from resnet_cifar.data.sharding import eval_sampler
-from resnet_cifar.data.splits import per_class_budget, select_classes, stratified_split
+from resnet_cifar.data.splits import per_class_budget, select_classes, stratified_kfold, stratified_split
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,9 @@ class CIFAR10DataModule(pl.LightningDataModule):
         classes: train and evaluate on these class ids only, relabelled 0..k-1.
         train_per_class: a seeded label budget per class drawn from the training split.
         strict_sizes: require the 50,000/10,000 images of the full dataset.
+        num_folds, fold: K-fold cross-validation: validate on fold ``fold`` of a stratified
+            ``num_folds``-fold partition of the training images (seeded by ``split_seed``) and
+            train on the other folds, instead of the ``val_size`` hold-out; both or neither.
     """
 
     def __init__(
@@ -135,6 +138,8 @@ class CIFAR10DataModule(pl.LightningDataModule):
         classes: Sequence[int] | None = None,
         train_per_class: int | None = None,
         strict_sizes: bool = True,
+        num_folds: int | None = None,
+        fold: int | None = None,
     ) -> None:
         super().__init__()
         augment = dict(augment or {})
@@ -171,7 +176,10 @@ class CIFAR10DataModule(pl.LightningDataModule):
         sizes = (cifar10.TRAIN_SIZE, cifar10.TEST_SIZE) if hp.strict_sizes else (None, None)
         train = cifar10.read_split(folder, cifar10.TRAIN_FILES, sizes[0])
         test = cifar10.read_split(folder, cifar10.TEST_FILES, sizes[1])
-        train_idx, val_idx = stratified_split(train.labels, hp.val_size, hp.split_seed)
+        if hp.num_folds:
+            train_idx, val_idx = stratified_kfold(train.labels, hp.num_folds, hp.fold, hp.split_seed)
+        else:
+            train_idx, val_idx = stratified_split(train.labels, hp.val_size, hp.split_seed)
         test_idx = torch.arange(len(test))
         train_labels, test_labels = train.labels, test.labels
         if hp.classes:
@@ -201,12 +209,13 @@ class CIFAR10DataModule(pl.LightningDataModule):
                 "test": BatchedImages(test_images, test_labels, test_idx),
             }
         log.info(
-            "CIFAR-10 from %s: %d train, %d val, %d test images, %d classes",
+            "CIFAR-10 from %s: %d train, %d val, %d test images, %d classes%s",
             folder,
             len(train_idx),
             len(val_idx),
             len(test_idx),
             self.num_classes,
+            f" (validation: fold {hp.fold} of {hp.num_folds})" if hp.num_folds else "",
         )
 
     def _on_device(self) -> bool:

@@ -1,4 +1,4 @@
-"""Seeded, stratified index selection: train/val split, class subsets, label budgets."""
+"""Seeded, stratified index selection: train/val split, K-fold cross-validation, class subsets, label budgets."""
 
 from __future__ import annotations
 
@@ -33,6 +33,29 @@ def stratified_split(labels: torch.Tensor, val_size: int, seed: int) -> tuple[to
     val = torch.cat([p[: take[c]] for c, p in perms.items()]) if perms else torch.empty(0, dtype=torch.long)
     train = torch.cat([p[take[c] :] for c, p in perms.items()]) if perms else torch.empty(0, dtype=torch.long)
     return train.sort().values, val.sort().values
+
+
+def stratified_kfold(labels: torch.Tensor, num_folds: int, fold: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split indices into (train, val) where ``val`` is fold ``fold`` of a stratified ``num_folds``-fold partition.
+
+    The images of each class, in a seeded order (the same per-class permutations as
+    :func:`stratified_split`), are dealt out to the folds in turn, one class after the other:
+    every fold gets ``n_c / num_folds`` images of each class (rounded up or down), the folds'
+    sizes differ by at most one, and together the folds are every index exactly once. The
+    partition depends on ``seed`` and the labels only, so fold ``i`` of every run with the same
+    ``data.split_seed`` is the same set. Both index tensors are sorted. (Written here rather than
+    taken from scikit-learn's ``StratifiedKFold``: the project does not depend on scikit-learn,
+    and this keeps one seeded generator for every split.)
+    """
+    n = len(labels)
+    if not 2 <= num_folds <= n:
+        raise ConfigError(f"data.num_folds={num_folds} must be in [2, {n}] for {n} training images")
+    if not 0 <= fold < num_folds:
+        raise ConfigError(f"data.fold={fold} must be in [0, {num_folds - 1}] for data.num_folds={num_folds}")
+    perms = _per_class_permutations(labels, seed)
+    order = torch.cat(list(perms.values()))
+    in_fold = torch.arange(n) % num_folds == fold
+    return order[~in_fold].sort().values, order[in_fold].sort().values
 
 
 def per_class_budget(labels: torch.Tensor, indices: torch.Tensor, per_class: int, seed: int) -> torch.Tensor:
