@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from resnet_cifar.config import validate_train_config
 from resnet_cifar.errors import ConfigError
-from resnet_cifar.run import objective
+from resnet_cifar.run import objective, train
 
 # Test accuracy a 2-epoch run on the synthetic set must reach: 3x chance (0.1), so a training path
 # that does not learn (or a test set unlike the training set) fails.
@@ -99,6 +99,18 @@ def test_resume_from_last_checkpoint_continues(trained_run, synthetic_root, tmp_
     assert len(resumed.Scalars("val/acc")) == 1  # only the third epoch ran
     # the global step continues from the checkpoint instead of restarting at zero
     assert resumed.Scalars("val/acc")[0].step > first.Scalars("val/acc")[-1].step
+
+
+def test_resumed_after_its_last_epoch_still_reports_val_acc_best(synthetic_root, tmp_path):
+    """Killed during the test or the report, a run resumes at its end: nothing is left to fit, and the
+    restored best checkpoint's score is its val/acc_best (a sweep job needs it as its objective)."""
+    overrides = [*synthetic_overrides(synthetic_root), "trainer.max_epochs=1", "report=none", "logger=none"]
+    first = train(compose_cfg(overrides, tmp_path))
+    (tmp_path / "metrics.json").unlink()  # as if killed before it was written
+    again = train(compose_cfg([*overrides, "ckpt_path=last"], tmp_path))
+    assert "val/acc" not in again  # no epoch ran again
+    assert again["val/acc_best"] == pytest.approx(first["val/acc_best"], abs=1e-7)
+    assert again["test/acc"] == first["test/acc"]
 
 
 def test_multirun_sweeps_the_learning_rate(synthetic_root, tmp_path):

@@ -145,6 +145,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             log.warning("Resume with: python train.py <same overrides> ckpt_path=last hydra.run.dir=%s", out_dir)
             raise  # run_task records "terminated" and exits with EXIT_TERMINATED
         metrics = _floats({k: v for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))})
+        checkpoint_cb = trainer.checkpoint_callback
+        score = getattr(checkpoint_cb, "best_model_score", None)
+        if "val/acc_best" not in metrics and score is not None and getattr(checkpoint_cb, "monitor", "") == "val/acc":
+            # resumed after its last epoch (killed during the test or the report): fit had nothing left to
+            # do and logged nothing; the best checkpoint's score, restored with it, is val/acc_best
+            metrics["val/acc_best"] = float(score)
 
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if cfg.get("test", True) and not trainer.interrupted:
