@@ -11,7 +11,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from resnet_cifar.errors import ConfigError
-from resnet_cifar.models.factory import CIFAR_MODELS
+from resnet_cifar.models.factory import TORCHVISION_MODELS
 from resnet_cifar.plain import to_dict
 from resnet_cifar.schema import check_schema
 from resnet_cifar.training.optim import NEEDS_MAX_TIME
@@ -53,9 +53,9 @@ def check_combinations(cfg: DictConfig) -> None:
         )
     if stage.pretrained and not (model.get("pretrained") or model.get("weights_path")):
         hint = (
-            "set model.weights_path=<checkpoint or state dict>"
-            if model.name in CIFAR_MODELS
-            else "set model.pretrained=true (ImageNet weights) or model.weights_path=<file>"
+            "set model.pretrained=true (ImageNet weights) or model.weights_path=<file>"
+            if model.name in TORCHVISION_MODELS
+            else "set model.weights_path=<checkpoint or state dict>"
         )
         raise ConfigError(f"stage={stage.name} starts from pretrained weights but {model.name} has none: {hint}")
     if sched.name == "multistep" and not sched.get("milestones"):

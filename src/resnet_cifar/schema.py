@@ -26,6 +26,7 @@ from typing import Any, Union
 from resnet_cifar.data.loader import LOADERS
 from resnet_cifar.errors import ConfigError
 from resnet_cifar.models.factory import MODELS
+from resnet_cifar.models.resnet9 import ACTIVATIONS
 from resnet_cifar.stages import STAGES
 from resnet_cifar.training.optim import LR_SCALING, OPTIMIZERS, SCHEDULERS
 
@@ -119,7 +120,14 @@ class ModelSchema:
     pretrained: bool = f()
     weights: str = f()
     cifar_stem: bool = f()
-    # both
+    # ResNet-9 (models/resnet9.py)
+    widths: list[int] = f(check=((lambda v: len(v) == 4), "4 values"), each=_rng(1, 4096))
+    activation: str = f(check=_choice(*ACTIVATIONS))
+    celu_alpha: float = f(check=_rng(0, 10, lo_open=True))
+    pool_before_bn: bool = f()
+    output_scale: float = f(check=_rng(0, 100, lo_open=True))
+    bn_scale_trainable: bool = f()
+    # all
     weights_path: str | None = f()
     load_head: bool = f()
     dropout: float = f(check=_rng(0, 1, hi_open=True))
