@@ -17,9 +17,9 @@ What this subclass adds, each for a gap of Lightning 2.6's callback:
   the module: ``test/acc`` and the report would not be those of the EMA weights that the
   checkpoint was chosen for. Here the callback restores only while fitting.
 - **A save after training ends.** The parent copies the average over the training weights at
-  ``on_train_end``; a ``last.ckpt`` written after that (``LastCheckpoint`` at the end of a run
-  that stopped mid-epoch, e.g. on ``trainer.max_time`` or ``max_steps``) would hold the average
-  twice, and a resume with a larger budget would continue from the average. Here the two are
+  ``on_train_end``; a ``last.ckpt`` written after that (``LastCheckpoint``'s save at the end of a
+  run that stopped mid-epoch on ``trainer.max_time`` or ``max_steps`` with ``every_n_epochs: null``,
+  as ``gpu_3min``) would hold the average twice, and a resume would continue from the average. Here the two are
   swapped instead, and such a save still stores the training weights as ``current_model_state``.
 - **Decay warm-up** (``warmup=true``, off by default): the decay of update ``n`` (counted from 0)
   is ``min(decay, (1 + n) / (10 + n))`` (``tf.train.ExponentialMovingAverage``'s ``num_updates``
