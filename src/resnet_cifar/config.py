@@ -69,6 +69,16 @@ def check_combinations(cfg: DictConfig) -> None:
         extra = [k for k in ("color_jitter", "autoaugment", "random_erasing") if data.augment.get(k)]
         if extra:
             raise ConfigError(f"data.augment.{extra[0]} needs the per-sample pipeline: add data.loader=torchvision")
+    elif data.augment.get("alternating_flip"):
+        raise ConfigError("data.augment.alternating_flip needs the batched augmentation: add data.loader=tensor")
+    if data.augment.get("alternating_flip") and not data.augment.flip:
+        raise ConfigError("data.augment.alternating_flip=true alternates the flip, but data.augment.flip=false")
+    mixing = [k for k in ("mixup", "cutmix") if data.get(k)]
+    if mixing and data.batch_size < 2:
+        raise ConfigError(
+            f"data.{mixing[0]}={data[mixing[0]]} mixes each image with another of its batch, but data.batch_size="
+            f"{data.batch_size}: raise data.batch_size or set data.{mixing[0]}=0"
+        )
     warmup = sched.get("warmup_epochs", 0) or 0
     if max_epochs and max_epochs > 0 and warmup > max_epochs:
         raise ConfigError(

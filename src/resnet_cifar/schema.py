@@ -78,6 +78,7 @@ FRACTION = _rng(0, 1)
 class AugmentSchema:
     crop_padding: int = f(check=_rng(0, 16))
     flip: bool = f()
+    alternating_flip: bool = f()
     cutout: int = f(check=_rng(0, 32))
     color_jitter: float = f(check=_rng(0, 1))
     autoaugment: bool = f()
@@ -108,6 +109,8 @@ class DataSchema:
     strict_sizes: bool = f()
     num_folds: int | None = f(check=_rng(2, 1000))
     fold: int | None = f(check=_rng(0, 999))
+    mixup: float = f(check=_rng(0, 100))
+    cutmix: float = f(check=_rng(0, 100))
 
 
 @dataclass
@@ -148,6 +151,7 @@ class OptimizerSchema:
     lr: float = f(check=_rng(0, 10, lo_open=True))
     weight_decay: float = f(check=_rng(0, 1))
     no_decay_bn_bias: bool = f()
+    bn_lr_ratio: float = f(check=_rng(0, 1000, lo_open=True))
     # sgd
     momentum: float = f(check=_rng(0, 1, hi_open=True))
     nesterov: bool = f()

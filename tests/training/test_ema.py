@@ -12,8 +12,7 @@ from types import SimpleNamespace
 import pytest
 import pytorch_lightning as pl
 import torch
-from helpers import compose_cfg, synthetic_overrides
-from test_resume import run_train
+from helpers import compose_cfg, run_train, synthetic_overrides
 from torch import nn
 
 from resnet_cifar.export import export, load_safetensors_model
