@@ -15,6 +15,7 @@ import torch
 from helpers import compose_cfg, run_train, synthetic_overrides
 from torch import nn
 
+from resnet_cifar.errors import ConfigError
 from resnet_cifar.export import export, load_safetensors_model
 from resnet_cifar.inference import Predictor
 from resnet_cifar.run import evaluate, train
@@ -61,7 +62,7 @@ def test_ema_warmup_ramps_the_decay():
     d1, d2 = 2 / 11, 3 / 12
     expected = [1.0, d1 * 1 + (1 - d1) * 3, d2 * (d1 * 1 + (1 - d1) * 3) + (1 - d2) * 5]
     assert run_updates(EMAWeights(decay=0.9, warmup=True), Tiny(), [1.0, 3.0, 5.0]) == pytest.approx(expected)
-    with pytest.raises(ValueError, match="decay=1.0 must be in"):
+    with pytest.raises(ConfigError, match=r"callbacks.ema.decay=1.0: expected a number in \[0, 1\)"):
         EMAWeights(decay=1.0)
 
 
@@ -189,3 +190,15 @@ def test_ema_selection_composes_with_the_default_callbacks(tmp_path):
     cfg = compose_cfg(["callbacks=[default,ema]"], tmp_path)
     assert {"model_checkpoint", "last_checkpoint", "ema"} <= set(cfg.callbacks)
     assert json.loads(json.dumps(dict(cfg.callbacks.ema)))["_target_"] == "resnet_cifar.training.ema.EMAWeights"
+
+
+def test_a_bad_ema_setting_is_one_line_before_anything_runs(synthetic_root, tmp_path):
+    from hydra.errors import InstantiationException
+
+    from resnet_cifar.cli import _user_error_message
+
+    overrides = [*synthetic_overrides(synthetic_root), "callbacks=[default,ema]", "callbacks.ema.decay=1.5"]
+    with pytest.raises(InstantiationException) as failure:
+        train(compose_cfg(overrides, tmp_path))
+    assert _user_error_message(failure.value) == "callbacks.ema.decay=1.5: expected a number in [0, 1)"
+    assert not (tmp_path / "checkpoints").exists()

@@ -36,6 +36,8 @@ import torch
 from pytorch_lightning.callbacks import WeightAveraging
 from pytorch_lightning.trainer.states import TrainerFn
 
+from resnet_cifar.errors import ConfigError
+
 
 class EmaUpdate:
     """``AveragedModel``'s ``multi_avg_fn``: ``ema <- lerp(ema, current, 1 - decay_n)`` on every float tensor.
@@ -82,10 +84,15 @@ class EMAWeights(WeightAveraging):
         warmup: bool = False,
         device: str | None = None,
     ) -> None:
+        # ConfigError: a one-line error through Hydra's instantiate (the callbacks group has no schema)
         if not 0.0 <= decay < 1.0:
-            raise ValueError(f"decay={decay!r} must be in [0, 1)")
+            raise ConfigError(f"callbacks.ema.decay={decay!r}: expected a number in [0, 1)")
         if not isinstance(update_every_n_steps, int) or update_every_n_steps < 1:
-            raise ValueError(f"update_every_n_steps={update_every_n_steps!r} must be a positive integer")
+            raise ConfigError(f"callbacks.ema.update_every_n_steps={update_every_n_steps!r}: expected an integer >= 1")
+        if update_starting_at_step is not None and update_starting_at_step < 0:
+            raise ConfigError(
+                f"callbacks.ema.update_starting_at_step={update_starting_at_step!r}: expected >= 0 or null"
+            )
         super().__init__(device=device, use_buffers=True, multi_avg_fn=EmaUpdate(decay, warmup))
         self.update_every_n_steps = update_every_n_steps
         self.update_starting_at_step = update_starting_at_step or 0
