@@ -85,3 +85,16 @@ def run_script(script: str, *overrides: str, cwd: Path, timeout: int = 600) -> s
         text=True,
         timeout=timeout,
     )
+
+
+def run_train(out_dir: Path, *args: str) -> subprocess.CompletedProcess:
+    """train.py in a subprocess with this run directory, the fault-injection callback importable."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO / "tests")])}
+    return subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *args, f"hydra.run.dir={out_dir}"],
+        cwd=out_dir.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )

@@ -11,7 +11,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from resnet_cifar.errors import ConfigError
-from resnet_cifar.models.factory import CIFAR_MODELS
+from resnet_cifar.models.factory import TORCHVISION_MODELS
 from resnet_cifar.plain import to_dict
 from resnet_cifar.schema import check_schema
 from resnet_cifar.training.optim import NEEDS_MAX_TIME
@@ -53,9 +53,9 @@ def check_combinations(cfg: DictConfig) -> None:
         )
     if stage.pretrained and not (model.get("pretrained") or model.get("weights_path")):
         hint = (
-            "set model.weights_path=<checkpoint or state dict>"
-            if model.name in CIFAR_MODELS
-            else "set model.pretrained=true (ImageNet weights) or model.weights_path=<file>"
+            "set model.pretrained=true (ImageNet weights) or model.weights_path=<file>"
+            if model.name in TORCHVISION_MODELS
+            else "set model.weights_path=<checkpoint or state dict>"
         )
         raise ConfigError(f"stage={stage.name} starts from pretrained weights but {model.name} has none: {hint}")
     if sched.name == "multistep" and not sched.get("milestones"):
@@ -69,6 +69,16 @@ def check_combinations(cfg: DictConfig) -> None:
         extra = [k for k in ("color_jitter", "autoaugment", "random_erasing") if data.augment.get(k)]
         if extra:
             raise ConfigError(f"data.augment.{extra[0]} needs the per-sample pipeline: add data.loader=torchvision")
+    elif data.augment.get("alternating_flip"):
+        raise ConfigError("data.augment.alternating_flip needs the batched augmentation: add data.loader=tensor")
+    if data.augment.get("alternating_flip") and not data.augment.flip:
+        raise ConfigError("data.augment.alternating_flip=true alternates the flip, but data.augment.flip=false")
+    mixing = [k for k in ("mixup", "cutmix") if data.get(k)]
+    if mixing and data.batch_size < 2:
+        raise ConfigError(
+            f"data.{mixing[0]}={data[mixing[0]]} mixes each image with another of its batch, but data.batch_size="
+            f"{data.batch_size}: raise data.batch_size or set data.{mixing[0]}=0"
+        )
     warmup = sched.get("warmup_epochs", 0) or 0
     if max_epochs and max_epochs > 0 and warmup > max_epochs:
         raise ConfigError(

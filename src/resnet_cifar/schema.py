@@ -26,6 +26,7 @@ from typing import Any, Union
 from resnet_cifar.data.loader import LOADERS
 from resnet_cifar.errors import ConfigError
 from resnet_cifar.models.factory import MODELS
+from resnet_cifar.models.resnet9 import ACTIVATIONS
 from resnet_cifar.stages import STAGES
 from resnet_cifar.training.optim import LR_SCALING, OPTIMIZERS, SCHEDULERS
 
@@ -77,6 +78,7 @@ FRACTION = _rng(0, 1)
 class AugmentSchema:
     crop_padding: int = f(check=_rng(0, 16))
     flip: bool = f()
+    alternating_flip: bool = f()
     cutout: int = f(check=_rng(0, 32))
     color_jitter: float = f(check=_rng(0, 1))
     autoaugment: bool = f()
@@ -107,6 +109,8 @@ class DataSchema:
     strict_sizes: bool = f()
     num_folds: int | None = f(check=_rng(2, 1000))
     fold: int | None = f(check=_rng(0, 999))
+    mixup: float = f(check=_rng(0, 100))
+    cutmix: float = f(check=_rng(0, 100))
 
 
 @dataclass
@@ -119,7 +123,14 @@ class ModelSchema:
     pretrained: bool = f()
     weights: str = f()
     cifar_stem: bool = f()
-    # both
+    # ResNet-9 (models/resnet9.py)
+    widths: list[int] = f(check=((lambda v: len(v) == 4), "4 values"), each=_rng(1, 4096))
+    activation: str = f(check=_choice(*ACTIVATIONS))
+    celu_alpha: float = f(check=_rng(0, 10, lo_open=True))
+    pool_before_bn: bool = f()
+    output_scale: float = f(check=_rng(0, 100, lo_open=True))
+    bn_scale_trainable: bool = f()
+    # all
     weights_path: str | None = f()
     load_head: bool = f()
     dropout: float = f(check=_rng(0, 1, hi_open=True))
@@ -140,6 +151,7 @@ class OptimizerSchema:
     lr: float = f(check=_rng(0, 10, lo_open=True))
     weight_decay: float = f(check=_rng(0, 1))
     no_decay_bn_bias: bool = f()
+    bn_lr_ratio: float = f(check=_rng(0, 1000, lo_open=True))
     # sgd
     momentum: float = f(check=_rng(0, 1, hi_open=True))
     nesterov: bool = f()

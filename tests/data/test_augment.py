@@ -296,3 +296,22 @@ def test_torchvision_loader_applies_jitter_autoaugment_and_erasing(synthetic_roo
     plain = dm.augmenter.normalize(dm.splits["train"].images[index])
     erased = (x == 0).flatten(1).float().mean(1)  # RandomErasing writes exact zeros
     assert (erased > 0.01).all() and not torch.allclose(x, plain)
+
+
+def test_alternating_flip_mirrors_each_image_on_every_other_epoch():
+    """airbench94's alternating flip: one draw per image, inverted on odd epochs; crops still drawn per epoch."""
+    n = 64
+    x = _images(n, seed=4)
+
+    def mirrored(aug: BatchAugment, epoch: int) -> torch.Tensor:
+        out = aug.crop_flip(x, torch.arange(n), epoch)
+        return torch.tensor([torch.equal(o, i.flip(-1)) for o, i in zip(out, x)])
+
+    alternating = _aug(crop_padding=0, alternating_flip=True)
+    sides = [mirrored(alternating, epoch) for epoch in range(4)]
+    assert torch.equal(sides[0], mirrored(_aug(crop_padding=0), 0))  # epoch 0: the usual draw
+    assert torch.equal(sides[1], ~sides[0]) and torch.equal(sides[2], sides[0]) and torch.equal(sides[3], ~sides[0])
+    independent = [mirrored(_aug(crop_padding=0), epoch) for epoch in range(2)]
+    assert not torch.equal(independent[1], ~independent[0])  # random flips repeat a side for some images
+    crops = [_which_window(_aug(alternating_flip=True), x, torch.arange(n), epoch) for epoch in (0, 2)]
+    assert [w[:2] for w in crops[0]] != [w[:2] for w in crops[1]]

@@ -6,16 +6,13 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import random
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, compose_cfg, synthetic_overrides
+from helpers import compose_cfg, run_train, synthetic_overrides
 
 from resnet_cifar.cli import EXIT_TERMINATED
 from resnet_cifar.data.datamodule import EpochShuffle
@@ -50,19 +47,6 @@ def overrides(root: Path, weights: Path) -> list[str]:
         "callbacks.last_checkpoint.every_n_minutes=null",
         "logger=csv",
     ]
-
-
-def run_train(out_dir: Path, *args: str) -> subprocess.CompletedProcess:
-    """train.py in a subprocess with this run directory, the fault-injection callback importable."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO / "tests")])}
-    return subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *args, f"hydra.run.dir={out_dir}"],
-        cwd=out_dir.parent,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
 
 
 def final_state(out_dir: Path) -> dict[str, torch.Tensor]:

@@ -47,6 +47,9 @@ class BatchAugment:
         mean, std: per-channel statistics in [0, 1] units.
         crop_padding: zero padding for the random crop; 0 disables the crop.
         flip: random horizontal flip with probability 1/2.
+        alternating_flip: with ``flip``, draw each image's flip once (epoch 0) and invert it every
+            other epoch (airbench94's "alternating flip"): any two consecutive epochs show every
+            image both ways, where independent draws repeat the same side half of the time.
         cutout: side of a square zeroed (after normalisation, i.e. set to the mean) at a
             random centre, as in DeVries & Taylor 2017; 0 disables it.
         image_size: output side; images are resized (see :class:`Preprocess`) when it differs from H.
@@ -62,10 +65,12 @@ class BatchAugment:
         cutout: int = 0,
         image_size: int = 32,
         seed: int = 0,
+        alternating_flip: bool = False,
     ) -> None:
         self.preprocess = Preprocess(mean, std, image_size)
         self.crop_padding = crop_padding
         self.flip = flip
+        self.alternating_flip = alternating_flip
         self.cutout = cutout
         self.image_size = image_size
         self.seed = seed
@@ -89,7 +94,9 @@ class BatchAugment:
         ar_w = torch.arange(w, device=dev)
         cols = ar_w.expand(b, w)
         if self.flip:
-            flip = random_ints(index, self.seed, epoch, 2, 2).bool()
+            flip = random_ints(index, self.seed, 0 if self.alternating_flip else epoch, 2, 2).bool()
+            if self.alternating_flip and epoch % 2:
+                flip = ~flip
             cols = torch.where(flip[:, None], (w - 1 - ar_w).expand(b, w), cols)
         rows = oy[:, None] + ar_h  # (B, H)
         cols = ox[:, None] + cols  # (B, W)

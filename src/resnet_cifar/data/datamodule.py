@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from resnet_cifar.data import cifar10
 from resnet_cifar.data.augment import BatchAugment
 from resnet_cifar.data.loader import ResumableLoader
+from resnet_cifar.data.mixing import BatchMix
 from resnet_cifar.data.sharding import eval_sampler
 from resnet_cifar.data.splits import per_class_budget, select_classes, stratified_kfold, stratified_split
 
@@ -108,14 +109,16 @@ class CIFAR10DataModule(pl.LightningDataModule):
         on_device: keep the uint8 split on the training device (tensor loader); None: on a CUDA device.
         mean, std: normalisation statistics.
         image_size: side of the images fed to the model (resized when not 32).
-        augment: ``crop_padding``, ``flip``, ``cutout``, and (torchvision loader only)
-            ``color_jitter``, ``autoaugment``, ``random_erasing``.
+        augment: ``crop_padding``, ``flip``, ``cutout``, (tensor loader only) ``alternating_flip``, and
+            (torchvision loader only) ``color_jitter``, ``autoaugment``, ``random_erasing``.
         classes: train and evaluate on these class ids only, relabelled 0..k-1.
         train_per_class: a seeded label budget per class drawn from the training split.
         strict_sizes: require the 50,000/10,000 images of the full dataset.
         num_folds, fold: K-fold cross-validation: validate on fold ``fold`` of a stratified
             ``num_folds``-fold partition of the training images (seeded by ``split_seed``) and
             train on the other folds, instead of the ``val_size`` hold-out; both or neither.
+        mixup, cutmix: alpha of MixUp / CutMix on the training batches (0: off; both: one of the two per
+            batch), after the augmentation; the labels become soft targets (:class:`~.mixing.BatchMix`).
     """
 
     def __init__(
@@ -140,13 +143,21 @@ class CIFAR10DataModule(pl.LightningDataModule):
         strict_sizes: bool = True,
         num_folds: int | None = None,
         fold: int | None = None,
+        mixup: float = 0.0,
+        cutmix: float = 0.0,
     ) -> None:
         super().__init__()
         augment = dict(augment or {})
         self.save_hyperparameters(ignore=["root"])
         self.root = root
         aug_defaults = dict(
-            crop_padding=4, flip=True, cutout=0, color_jitter=0.0, autoaugment=False, random_erasing=0.0
+            crop_padding=4,
+            flip=True,
+            alternating_flip=False,
+            cutout=0,
+            color_jitter=0.0,
+            autoaugment=False,
+            random_erasing=0.0,
         )
         self.augment_cfg = {**aug_defaults, **augment}
         self.class_names = [cifar10.CLASSES[c] for c in classes] if classes else list(cifar10.CLASSES)
@@ -159,7 +170,9 @@ class CIFAR10DataModule(pl.LightningDataModule):
             cutout=self.augment_cfg["cutout"],
             image_size=image_size,
             seed=seed,
+            alternating_flip=self.augment_cfg["alternating_flip"],
         )
+        self.mixer = BatchMix(self.num_classes, mixup, cutmix, seed) if mixup > 0 or cutmix > 0 else None
         self.splits: dict[str, IndexedImages] = {}
         self._train_loader: DataLoader | None = None
         self._train_loader_state: dict[str, int] | None = None
@@ -317,13 +330,20 @@ class CIFAR10DataModule(pl.LightningDataModule):
         return self._loader("test")
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> tuple[torch.Tensor, ...]:
-        """``(images, labels, index)``: the index (position in the split) lets the report name images."""
+        """``(images, labels, index)``: the index (position in the split) lets the report name images.
+
+        With ``mixup``/``cutmix``, training batches leave with soft targets ``(B, num_classes)`` as labels.
+        """
         images, labels, index = batch
+        training = self.trainer is not None and self.trainer.training
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
         if images.dtype == torch.uint8:  # tensor loader: augment and normalise on the device
             self.augmenter.preprocess.to(images.device)  # once: its statistics follow the batches
-            training = self.trainer is not None and self.trainer.training
-            epoch = self.trainer.current_epoch if self.trainer is not None else 0
             images = self.augmenter(images, index, epoch, train=training)
+        if training and self.mixer is not None:  # both loaders; the batch's number within the epoch, resumed too
+            images, labels = self.mixer(
+                images, labels, epoch, self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
+            )
         return images, labels, index
 
     def transform_batch(self, batch: Any, train: bool, epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

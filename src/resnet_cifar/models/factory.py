@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -13,6 +14,7 @@ from torch import nn
 
 from resnet_cifar.errors import ConfigError, WeightsError
 from resnet_cifar.models.cifar_resnet import CifarResNet
+from resnet_cifar.models.resnet9 import STANDARD_WIDTHS, ResNet9
 from resnet_cifar.models.weights import extract_state_dict, load_matching, safe_load
 from resnet_cifar.progress import show_progress
 
@@ -20,7 +22,9 @@ log = logging.getLogger(__name__)
 
 TORCHVISION_MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 CIFAR_MODELS = {"resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56, "resnet110": 110}
-MODELS = (*CIFAR_MODELS, *TORCHVISION_MODELS)
+# Models built for 32x32 inputs from scratch, beside the CIFAR ResNets: Page's ResNet-9 (models/resnet9.py).
+FAST_MODELS = ("resnet9",)
+MODELS = (*CIFAR_MODELS, *FAST_MODELS, *TORCHVISION_MODELS)
 
 
 class Classifier(nn.Module):
@@ -104,6 +108,12 @@ def build_model(
     block: str = "basic",
     shortcut: str = "A",
     dropout: float = 0.0,
+    widths: Sequence[int] = STANDARD_WIDTHS,
+    activation: str = "relu",
+    celu_alpha: float = 0.075,
+    pool_before_bn: bool = False,
+    output_scale: float = 0.125,
+    bn_scale_trainable: bool = True,
 ) -> Classifier:
     """Build a classifier by name; load ImageNet weights or a local weights file if asked.
 
@@ -119,6 +129,8 @@ def build_model(
             other classes with the same class count: the head starts fresh.
         cifar_stem: torchvision models only: 3x3 stride-1 stem, no max-pool.
         block, shortcut: CIFAR ResNets only: ``basic``/``bottleneck`` and ``A``/``B``.
+        widths, activation, celu_alpha, pool_before_bn, output_scale, bn_scale_trainable: ResNet-9
+            only (:class:`~resnet_cifar.models.resnet9.ResNet9`).
     """
     if name in CIFAR_MODELS:
         if pretrained:
@@ -129,6 +141,14 @@ def build_model(
         if cifar_stem:
             raise ConfigError(f"model.cifar_stem applies to torchvision models; {name} already has a CIFAR stem")
         backbone = CifarResNet(CIFAR_MODELS[name], block=block, shortcut=shortcut)
+        features = backbone.out_features
+    elif name in FAST_MODELS:
+        if pretrained or cifar_stem:
+            raise ConfigError(
+                f"{name} has no ImageNet weights and a CIFAR stem already: set model.pretrained=false, "
+                "model.cifar_stem=false (or give a backbone with model.weights_path=<checkpoint>)"
+            )
+        backbone = ResNet9(widths, activation, celu_alpha, pool_before_bn, output_scale, bn_scale_trainable)
         features = backbone.out_features
     elif name in TORCHVISION_MODELS:
         backbone, features = _torchvision_backbone(name, cifar_stem)

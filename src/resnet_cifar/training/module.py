@@ -153,9 +153,12 @@ class ImageClassifier(pl.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y, _ = batch
         logits = self(x)
+        # y: class indices, or soft targets (B, C) under data.mixup/cutmix: cross-entropy with probabilities,
+        # label smoothing applied to them as to one-hot targets (y * (1 - s) + s / C)
         loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
         # update(), not forward(): forward would also compute the batch's own accuracy, which nothing reads.
-        self.train_acc.update(logits.detach(), y)
+        # Soft targets: accuracy against their argmax, the class with the larger share of the mixed image.
+        self.train_acc.update(logits.detach(), y.argmax(-1) if y.ndim == 2 else y)
         # Not on the progress bar: Lightning turns a per-step progress-bar tensor into a number at every
         # step (a host sync on a GPU); the bar reads the loss at its refreshes (training/progress_bar.py),
         # the loggers every trainer.log_every_n_steps.

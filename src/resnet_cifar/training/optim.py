@@ -31,6 +31,9 @@ def lr_scale(rule: str, world_size: int) -> float:
     return float(LR_SCALING[rule](world_size))
 
 
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
 def param_groups(
     model: nn.Module,
     lr: float,
@@ -38,22 +41,39 @@ def param_groups(
     backbone_lr_ratio: float = 1.0,
     include_backbone: bool = True,
     no_decay_bn_bias: bool = True,
+    bn_lr_ratio: float = 1.0,
 ) -> list[dict[str, Any]]:
     """Groups ``head``, ``head_no_decay``, ``backbone``, ``backbone_no_decay`` (empty ones dropped).
 
     Batch-norm parameters and biases (all 1-d tensors) get no weight decay when
     ``no_decay_bn_bias``. The group names appear in the LR monitor's curves.
+
+    With ``bn_lr_ratio`` != 1 the batch-norm parameters that train (with frozen BN scales: the
+    biases) form groups of their own, ``head_bn``/``backbone_bn``, at ``bn_lr_ratio`` times their
+    part's LR and ``weight_decay / bn_lr_ratio`` (0 with ``no_decay_bn_bias``), so that the decay
+    per step, LR x weight decay, stays as it was: cifar10-fast and airbench train them at 64x.
     """
+    bn = set()
+    if bn_lr_ratio != 1.0:
+        bn = {id(p) for m in model.modules() if isinstance(m, BATCH_NORMS) for p in m.parameters(recurse=False)}
+    bn_decay = 0.0 if no_decay_bn_bias else weight_decay / bn_lr_ratio
     parts = [("head", 1.0)] + ([("backbone", backbone_lr_ratio)] if include_backbone else [])
     groups = []
     for part, ratio in parts:
-        decay, no_decay = [], []
+        decay, no_decay, bn_params = [], [], []
         for p in getattr(model, part).parameters():
             if p.requires_grad:
-                (no_decay if no_decay_bn_bias and p.ndim <= 1 else decay).append(p)
-        for suffix, params, wd in (("", decay, weight_decay), ("_no_decay", no_decay, 0.0)):
+                if id(p) in bn:
+                    bn_params.append(p)
+                else:
+                    (no_decay if no_decay_bn_bias and p.ndim <= 1 else decay).append(p)
+        for suffix, params, wd, r in (
+            ("", decay, weight_decay, 1.0),
+            ("_no_decay", no_decay, 0.0, 1.0),
+            ("_bn", bn_params, bn_decay, bn_lr_ratio),
+        ):
             if params:
-                groups.append({"name": part + suffix, "params": params, "lr": lr * ratio, "weight_decay": wd})
+                groups.append({"name": part + suffix, "params": params, "lr": lr * ratio * r, "weight_decay": wd})
     return groups
 
 
@@ -74,6 +94,7 @@ def build_optimizer(
         backbone_lr_ratio=backbone_lr_ratio,
         include_backbone=include_backbone,
         no_decay_bn_bias=cfg.get("no_decay_bn_bias", True),
+        bn_lr_ratio=cfg.get("bn_lr_ratio", 1.0),
     )
     # On CUDA, fused kernels: one launch for all parameters, and under 16-mixed GradScaler hands them its
     # inf check instead of calling found_inf.item() (a host sync) at every step. Elsewhere torch's default.

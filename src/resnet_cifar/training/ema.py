@@ -1,0 +1,133 @@
+"""An exponential moving average (EMA) of the weights, for validation, test, checkpoints and export.
+
+Built on Lightning's :class:`~pytorch_lightning.callbacks.WeightAveraging` (the class under its
+``EMAWeightAveraging``), which keeps a copy of the module (``torch.optim.swa_utils.AveragedModel``,
+parameters and buffers: the batch-norm statistics are averaged too), swaps the average in for
+every validation, and writes checkpoints with the average as ``state_dict`` and the training
+weights beside it (``current_model_state``; ``averaging_state`` holds the update count). So the
+best checkpoint is chosen on the EMA's ``val/acc``, and everything that reads a checkpoint's
+``state_dict`` (``eval.py``, ``predict.py``, ``export.py``, ``model.weights_path``) gets the EMA
+weights, while a resume restores both copies and continues bit for bit.
+
+What this subclass adds, each for a gap of Lightning 2.6's callback:
+
+- **Testing after fit.** Lightning restores callbacks in every stage, so in
+  ``trainer.test(ckpt_path=best)`` after ``fit`` (what ``train.py`` does), the parent's
+  ``on_load_checkpoint`` loads the checkpoint's *training* weights (``current_model_state``) into
+  the module: ``test/acc`` and the report would not be those of the EMA weights that the
+  checkpoint was chosen for. Here the callback restores only while fitting.
+- **A save after training ends.** The parent copies the average over the training weights at
+  ``on_train_end``; a ``last.ckpt`` written after that (``LastCheckpoint``'s save at the end of a
+  run that stopped mid-epoch on ``trainer.max_time`` or ``max_steps`` with ``every_n_epochs: null``,
+  as ``gpu_3min``) would hold the average twice, and a resume would continue from the average. Here the two are
+  swapped instead, and such a save still stores the training weights as ``current_model_state``.
+- **Decay warm-up** (``warmup=true``, off by default): the decay of update ``n`` (counted from 0)
+  is ``min(decay, (1 + n) / (10 + n))`` (``tf.train.ExponentialMovingAverage``'s ``num_updates``
+  rule), so early validations are not dominated by the initial weights.
+- **Integer buffers** (batch norm's ``num_batches_tracked``) are copied, not averaged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import WeightAveraging
+from pytorch_lightning.trainer.states import TrainerFn
+
+from resnet_cifar.errors import ConfigError
+
+
+class EmaUpdate:
+    """``AveragedModel``'s ``multi_avg_fn``: ``ema <- lerp(ema, current, 1 - decay_n)`` on every float tensor.
+
+    ``AveragedModel`` copies the weights at its first update (``n_averaged == 0``) and calls this
+    from the second on, with ``n_averaged`` >= 1 updates already in the average.
+    """
+
+    def __init__(self, decay: float, warmup: bool = False) -> None:
+        self.decay, self.warmup = float(decay), warmup
+
+    def decay_at(self, n_averaged: int) -> float:
+        """The decay applied when ``n_averaged`` updates are already in the average."""
+        return min(self.decay, (1 + n_averaged) / (10 + n_averaged)) if self.warmup else self.decay
+
+    @torch.no_grad()
+    def __call__(self, ema: list[torch.Tensor], current: list[torch.Tensor], n_averaged: torch.Tensor | int) -> None:
+        # int(): one host sync per update on a GPU; AveragedModel already makes one (n_averaged == 0)
+        weight = 1.0 - self.decay_at(int(n_averaged))
+        if torch.is_floating_point(ema[0]):  # the tensors arrive grouped by device and dtype
+            torch._foreach_lerp_(ema, current, weight)
+        else:
+            torch._foreach_copy_(ema, current)
+
+
+class EMAWeights(WeightAveraging):
+    """EMA of the weights and batch-norm statistics, updated every ``update_every_n_steps`` optimizer steps.
+
+    Args:
+        decay: the average's decay per update (``0.99`` per step over 5 steps is ``0.99**5``: Page's
+            cifar10-fast EMA). The average spans about ``update_every_n_steps / (1 - decay)`` steps.
+        update_every_n_steps: update after every N-th optimizer step (the first step included).
+        update_starting_at_step: first optimizer step (0-based) that updates the average; null: the first.
+            Until then the average is the initial weights (copied at the first update).
+        warmup: ramp the decay up as ``min(decay, (1 + n) / (10 + n))`` over the first updates.
+        device: where the average lives (null: the model's device; ``cpu`` to save GPU memory).
+    """
+
+    def __init__(
+        self,
+        decay: float = 0.999,
+        update_every_n_steps: int = 1,
+        update_starting_at_step: int | None = None,
+        warmup: bool = False,
+        device: str | None = None,
+    ) -> None:
+        # ConfigError: a one-line error through Hydra's instantiate (the callbacks group has no schema)
+        if not 0.0 <= decay < 1.0:
+            raise ConfigError(f"callbacks.ema.decay={decay!r}: expected a number in [0, 1)")
+        if not isinstance(update_every_n_steps, int) or update_every_n_steps < 1:
+            raise ConfigError(f"callbacks.ema.update_every_n_steps={update_every_n_steps!r}: expected an integer >= 1")
+        if update_starting_at_step is not None and update_starting_at_step < 0:
+            raise ConfigError(
+                f"callbacks.ema.update_starting_at_step={update_starting_at_step!r}: expected >= 0 or null"
+            )
+        super().__init__(device=device, use_buffers=True, multi_avg_fn=EmaUpdate(decay, warmup))
+        self.update_every_n_steps = update_every_n_steps
+        self.update_starting_at_step = update_starting_at_step or 0
+        self._swapped_at_end = False
+
+    def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
+        return (
+            step_idx is not None
+            and step_idx >= self.update_starting_at_step
+            and (step_idx - self.update_starting_at_step) % self.update_every_n_steps == 0
+        )
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit":
+            self._swapped_at_end = False
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The module takes the average (tested after fit when there is no best checkpoint); the averaged
+        # model keeps the training weights for a checkpoint written after this (see the module docstring).
+        self._swap_models(pl_module)
+        self._swapped_at_end = True
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if self._average_model is None or not self._swapped_at_end:
+            return super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        # After on_train_end the roles are swapped: state_dict already holds the average.
+        state = self._average_model.state_dict()
+        checkpoint["current_model_state"] = {k[7:]: v for k, v in state.items() if k.startswith("module.")}
+        checkpoint["averaging_state"] = {k: v for k, v in state.items() if not k.startswith("module.")}
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:  # a resume; evaluation keeps the checkpoint's state_dict: the EMA
+            super().on_load_checkpoint(trainer, pl_module, checkpoint)
