@@ -94,12 +94,20 @@ def test_imagenet_inputs_come_with_the_pretrained_stages(composed):
 @pytest.mark.parametrize(
     ("preset", "model", "stage", "expected"),
     [
-        ("cpu_30min", "resnet20", "scratch", {"task_name": "cpu_30min", "model.shortcut": "B"}),
+        ("resnet20_short", "resnet20", "scratch", {"task_name": "resnet20_short", "model.shortcut": "B"}),
+        ("cpu_30min", "resnet9", "scratch", {"model.widths": [32, 64, 128, 256], "scheduler.progress": "time"}),
+        ("cpu_60min", "resnet9", "scratch", {"model.widths": [64, 128, 256, 512], "trainer.max_time": "00:00:57:00"}),
+        (
+            "fast94",
+            "resnet9",
+            "scratch",
+            {"trainer.max_epochs": 10, "label_smoothing": 0.2, "callbacks.ema.decay": 0.951},
+        ),
         ("resnet20_he2016", "resnet20", "scratch", {"model.shortcut": "A", "trainer.max_epochs": 182}),
         ("resnet18_finetune", "resnet18", "finetune", {"data.image_size": 64, "optimizer.lr": 0.01}),
         ("resnet18_linear_probe", "resnet18", "linear_probe", {"data.image_size": 64, "optimizer.lr": 0.1}),
         ("usual_resnet18", "resnet18", "scratch", {"optimizer.lr": 0.001, "data.image_size": 32}),
-        ("transfer_source", "resnet20", "scratch", {"task_name": "transfer_source", "model.load_head": True}),
+        ("transfer_source", "resnet20", "scratch", {"model.load_head": True, "model.shortcut": "B"}),
         ("transfer_scratch", "resnet20", "scratch", {"task_name": "transfer_scratch", "model.load_head": False}),
         ("transfer_linear_probe", "resnet20", "linear_probe", {"model.load_head": False}),
         ("transfer_finetune", "resnet20", "finetune", {"task_name": "transfer_finetune", "model.load_head": False}),
