@@ -56,6 +56,24 @@ def test_ema_update_arithmetic_on_known_values():
     assert int(cb._average_model.n_averaged) == 3
 
 
+def test_before_its_first_update_the_average_is_the_training_weights():
+    """update_starting_at_step: validation and checkpoints see the training weights until the average starts."""
+    module, cb = Tiny(), EMAWeights(decay=0.5, update_starting_at_step=3)
+    run_updates(cb, module, [1.0, 2.0])  # steps 1 and 2: no update yet
+    module.w.data.fill_(4.0)
+    cb.on_validation_epoch_start(SimpleNamespace(), module)  # swaps the average in
+    assert module.w.item() == 4.0
+    cb.on_validation_epoch_end(SimpleNamespace(), module)
+    checkpoint = {"state_dict": module.state_dict()}
+    cb.on_save_checkpoint(SimpleNamespace(), module, checkpoint)
+    assert checkpoint["state_dict"]["w"].item() == checkpoint["current_model_state"]["w"].item() == 4.0
+    module.w.data.fill_(6.0)
+    cb.on_train_batch_end(SimpleNamespace(global_step=4), module, None, None, 3)  # the first update copies
+    module.w.data.fill_(8.0)
+    cb.on_train_batch_end(SimpleNamespace(global_step=5), module, None, None, 4)
+    assert cb._average_model.module.w.item() == 7.0
+
+
 def test_ema_warmup_ramps_the_decay():
     update = EmaUpdate(0.9, warmup=True)
     assert [update.decay_at(n) for n in (1, 2, 10, 100)] == pytest.approx([2 / 11, 3 / 12, 0.55, 0.9])
