@@ -25,6 +25,9 @@ What this subclass adds, each for a gap of Lightning 2.6's callback:
   is ``min(decay, (1 + n) / (10 + n))`` (``tf.train.ExponentialMovingAverage``'s ``num_updates``
   rule), so early validations are not dominated by the initial weights.
 - **Integer buffers** (batch norm's ``num_batches_tracked``) are copied, not averaged.
+- **Before the first update** (``update_starting_at_step``) the parent's average is the initial
+  weights, so validations, checkpoints and a test after a short run would see an untrained
+  network. Here the average follows the training weights until it starts.
 """
 
 from __future__ import annotations
@@ -110,7 +113,25 @@ class EMAWeights(WeightAveraging):
         if stage == "fit":
             self._swapped_at_end = False
 
+    def _follow_until_started(self, pl_module: pl.LightningModule) -> None:
+        """Before the first update, make the average the training weights (the first update copies anyway)."""
+        if self._average_model is not None and int(self._average_model.n_averaged) == 0:
+            self._copy_current_to_average(pl_module)
+
+    def _copy_current_to_average(self, pl_module: pl.LightningModule) -> None:
+        assert self._average_model is not None
+        average = [*self._average_model.module.parameters(), *self._average_model.module.buffers()]
+        current = [*pl_module.parameters(), *pl_module.buffers()]
+        with torch.no_grad():
+            for a, c in zip(average, current, strict=True):
+                a.copy_(c)
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._follow_until_started(pl_module)
+        super().on_validation_epoch_start(trainer, pl_module)
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._follow_until_started(pl_module)
         # The module takes the average (tested after fit when there is no best checkpoint); the averaged
         # model keeps the training weights for a checkpoint written after this (see the module docstring).
         self._swap_models(pl_module)
@@ -120,6 +141,7 @@ class EMAWeights(WeightAveraging):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         if self._average_model is None or not self._swapped_at_end:
+            self._follow_until_started(pl_module)
             return super().on_save_checkpoint(trainer, pl_module, checkpoint)
         # After on_train_end the roles are swapped: state_dict already holds the average.
         state = self._average_model.state_dict()
