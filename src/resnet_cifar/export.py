@@ -141,9 +141,16 @@ def test_images(data_hp: dict[str, Any], root: str, n: int) -> torch.Tensor:
 
 
 def check_exports(
-    module: ImageClassifier, wrapper: nn.Module, files: dict[str, Path], images: torch.Tensor, atol: float
+    module: ImageClassifier,
+    wrapper: nn.Module,
+    files: dict[str, Path],
+    images: torch.Tensor,
+    atol: float,
+    rtol: float = 0.0,
 ) -> dict[str, dict[str, float]]:
     """Compare each export's logits with PyTorch's on ``images`` (uint8): max |diff|, argmax agreement.
+
+    Accepted where every logit has ``|diff| <= atol + rtol * |reference|`` (``torch.allclose``'s rule).
 
     The reference is the training code's path: the uint8 images through the model's
     :class:`Preprocess`, then the classifier; the exports take ``[0, 1]`` floats instead.
@@ -180,8 +187,11 @@ def check_exports(
         log.info(
             "%s vs PyTorch on %d test images: max |diff| %.2e, argmax agreement %.4f", name, len(images), diff, agree
         )
-        if not diff <= atol:
-            raise ExportCheckError(f"{name} export differs from PyTorch by {diff:.3g} > atol={atol} on test images")
+        if not torch.allclose(out, ref, rtol=rtol, atol=atol):
+            raise ExportCheckError(
+                f"{name} export differs from PyTorch by {diff:.3g} (> atol={atol} + rtol={rtol} x |logit|)"
+                " on test images"
+            )
     return checks
 
 
@@ -217,7 +227,7 @@ def export(cfg: Any) -> dict[str, Any]:
     checks = {}
     if int(cfg.check_images) > 0:
         images = test_images(data_hp, str(cfg.data.root), int(cfg.check_images))
-        checks = check_exports(module, wrapper, files, images, float(cfg.atol))
+        checks = check_exports(module, wrapper, files, images, float(cfg.atol), float(cfg.rtol))
     summary = {
         "ckpt_path": str(cfg.ckpt_path),
         "files": {k: v.name for k, v in files.items()},

@@ -5,12 +5,14 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from helpers import compose_cfg, run_script, synthetic_overrides
 from PIL import Image
+from torch import nn
 
 from resnet_cifar.data.cifar10 import CLASSES, TEST_FILES, read_split
 from resnet_cifar.errors import UserError
@@ -337,3 +339,31 @@ def test_export_matches_pytorch(ckpt, synthetic_root, tmp_path):
         torch.testing.assert_close(model(x), ref)
         again = build_model("resnet20", weights_path=str(tmp_path / "model.safetensors")).eval()
         torch.testing.assert_close(again(x), ref)
+
+
+def test_export_check_tolerance_is_per_logit_absolute_plus_relative():
+    """The wrapper check accepts rounding that scales with large logits, and rejects a real difference."""
+    from resnet_cifar.export import ExportCheckError, check_exports
+
+    class Scaled(nn.Module):
+        def __init__(self, scale: float, shift: float) -> None:
+            super().__init__()
+            self.scale, self.shift = scale, shift
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 200.0 * x.flatten(1)[:, :10] * self.scale + self.shift
+
+    class Wrapper(Scaled):
+        def __init__(self, scale: float, shift: float) -> None:
+            super().__init__(scale, shift)
+            self.preprocess = lambda images: images.float() / 255.0
+
+    module = SimpleNamespace(model=Scaled(1.0, 0.0))
+    images = torch.full((4, 3, 32, 32), 255, dtype=torch.uint8)  # logits of 200
+    near = Wrapper(1.0 + 5e-5, 0.0)  # off by 0.01 on a logit of 200: float rounding amplified, not an error
+    checks = check_exports(module, near, {}, images, atol=1e-3, rtol=1e-3)
+    assert checks["pytorch_wrapper"]["max_abs_diff"] == pytest.approx(0.01, rel=1e-3)
+    with pytest.raises(ExportCheckError, match=r"differs from PyTorch by 0.0099.*rtol=0.0 "):
+        check_exports(module, near, {}, images, atol=1e-3, rtol=0.0)
+    with pytest.raises(ExportCheckError, match="pytorch_wrapper export differs from PyTorch by 0.5"):
+        check_exports(module, Wrapper(1.0, 0.5), {}, images, atol=1e-3, rtol=1e-3)
