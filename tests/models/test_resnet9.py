@@ -9,6 +9,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from resnet_cifar.data.datamodule import CIFAR10DataModule
+from resnet_cifar.errors import ConfigError
 from resnet_cifar.models import build_model
 from resnet_cifar.models.resnet9 import ResNet9
 from resnet_cifar.training.module import ImageClassifier
@@ -158,3 +159,8 @@ def test_freeze_schedules_hold_the_resnet9_backbone(synthetic_root, tmp_path, st
         previous = state
     assert changed == trains_backbone
     assert not torch.equal(module.model.head.weight, head)
+
+
+def test_resnet9_options_on_another_model_are_a_config_error():
+    with pytest.raises(ConfigError, match=r"model.widths, model.activation apply to resnet9 only, not resnet20"):
+        build_model("resnet20", widths=[32, 64, 128, 256], activation="celu")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torchvision
@@ -14,7 +14,7 @@ from torch import nn
 
 from resnet_cifar.errors import ConfigError, WeightsError
 from resnet_cifar.models.cifar_resnet import CifarResNet
-from resnet_cifar.models.resnet9 import STANDARD_WIDTHS, ResNet9
+from resnet_cifar.models.resnet9 import ResNet9
 from resnet_cifar.models.weights import extract_state_dict, load_matching, safe_load
 from resnet_cifar.progress import show_progress
 
@@ -108,12 +108,7 @@ def build_model(
     block: str = "basic",
     shortcut: str = "A",
     dropout: float = 0.0,
-    widths: Sequence[int] = STANDARD_WIDTHS,
-    activation: str = "relu",
-    celu_alpha: float = 0.075,
-    pool_before_bn: bool = False,
-    output_scale: float = 0.125,
-    bn_scale_trainable: bool = True,
+    **resnet9_options: Any,
 ) -> Classifier:
     """Build a classifier by name; load ImageNet weights or a local weights file if asked.
 
@@ -129,9 +124,12 @@ def build_model(
             other classes with the same class count: the head starts fresh.
         cifar_stem: torchvision models only: 3x3 stride-1 stem, no max-pool.
         block, shortcut: CIFAR ResNets only: ``basic``/``bottleneck`` and ``A``/``B``.
-        widths, activation, celu_alpha, pool_before_bn, output_scale, bn_scale_trainable: ResNet-9
-            only (:class:`~resnet_cifar.models.resnet9.ResNet9`).
+        resnet9_options: ResNet-9 only: the keyword arguments of
+            :class:`~resnet_cifar.models.resnet9.ResNet9` (``widths``, ``activation``, ...), whose
+            defaults are the one place of their values.
     """
+    if resnet9_options and name not in FAST_MODELS:
+        raise ConfigError(f"model.{', model.'.join(resnet9_options)} apply to resnet9 only, not {name}: remove them")
     if name in CIFAR_MODELS:
         if pretrained:
             raise ConfigError(
@@ -148,7 +146,7 @@ def build_model(
                 f"{name} has no ImageNet weights and a CIFAR stem already: set model.pretrained=false, "
                 "model.cifar_stem=false (or give a backbone with model.weights_path=<checkpoint>)"
             )
-        backbone = ResNet9(widths, activation, celu_alpha, pool_before_bn, output_scale, bn_scale_trainable)
+        backbone = ResNet9(**resnet9_options)
         features = backbone.out_features
     elif name in TORCHVISION_MODELS:
         backbone, features = _torchvision_backbone(name, cifar_stem)
