@@ -131,6 +131,12 @@ BAD_CONFIGS = [
     (["scheduler.warmup_epochs=4", "trainer.max_epochs=3"], ["scheduler.warmup_epochs=4", "<= trainer.max_epochs=3"]),
     (["data.val_size=0"], ["data.val_size=0", "callbacks.model_checkpoint.monitor"]),
     (["seed=-1"], ["seed=-1"]),
+    (["model=resnet9", "model.stem=whiten"], ["model.stem=whiten", "24 channels", "model.widths[0]=24"]),
+    (["model=resnet9", "model.ghost_batch=48"], ["model.ghost_batch=48", "data.batch_size=128"]),
+    (["model=resnet9", "model.tails=[conv,skip,conv]"], ["model.tails[1]='skip'", "residual, conv, none"]),
+    (["data.augment.padding_mode=edge"], ["data.augment.padding_mode='edge'", "zeros, reflect"]),
+    (["optimizer=muon", "optimizer.muon_momentum=1"], ["optimizer.muon_momentum=1", "[0, 1)"]),
+    (["module.tta_translate=9"], ["module.tta_translate=9", "[0, 8]"]),
 ]  # fmt: skip
 
 

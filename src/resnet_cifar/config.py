@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 
 from resnet_cifar.errors import ConfigError
 from resnet_cifar.models.factory import TORCHVISION_MODELS
+from resnet_cifar.models.resnet9 import WHITENING_WIDTH
 from resnet_cifar.plain import to_dict
 from resnet_cifar.schema import check_schema
 from resnet_cifar.training.optim import NEEDS_MAX_TIME
@@ -58,6 +59,17 @@ def check_combinations(cfg: DictConfig) -> None:
             else "set model.weights_path=<checkpoint or state dict>"
         )
         raise ConfigError(f"stage={stage.name} starts from pretrained weights but {model.name} has none: {hint}")
+    if model.get("stem") == "whiten" and model.widths[0] != WHITENING_WIDTH:
+        raise ConfigError(
+            f"model.stem=whiten makes {WHITENING_WIDTH} channels (each eigenvector of a 2x2x3 patch and its "
+            f"negative), but model.widths[0]={model.widths[0]}: set model.widths[0]={WHITENING_WIDTH}"
+        )
+    ghost = model.get("ghost_batch") or 0
+    if ghost and data.batch_size % ghost:
+        raise ConfigError(
+            f"model.ghost_batch={ghost} must divide data.batch_size={data.batch_size} (batch-norm statistics over "
+            "equal slices of each batch): choose a divisor, or model.ghost_batch=0"
+        )
     if sched.name == "multistep" and not sched.get("milestones"):
         raise ConfigError("scheduler=multistep needs scheduler.milestones: fractions of training in (0, 1)")
     if sched.get("progress") == "time" and sched.get("warmup_epochs") and sched.name != "onecycle":

@@ -199,7 +199,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if not cfg.get("ckpt_path"):
         raise ConfigError("ckpt_path is required: python eval.py ckpt_path=<path to .ckpt>")
     check_against(DataSchema, to_dict(cfg.data), "data.")  # root, eval_batch_size: the rest is the checkpoint's
-    overrides = {} if cfg.get("tta_flip") is None else {"tta_flip": cfg.tta_flip}
+    overrides = {k: cfg[k] for k in ("tta_flip", "tta_translate") if cfg.get(k) is not None}
     module, data_hp = ImageClassifier.load_trained(cfg.ckpt_path, **overrides)
     datamodule = build_datamodule({**data_hp, **to_dict(cfg.data)})
     # auto: the precision the checkpoint was trained and tested with, so that eval.py repeats its numbers

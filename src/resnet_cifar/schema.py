@@ -26,7 +26,7 @@ from typing import Any, Union
 from resnet_cifar.data.loader import LOADERS
 from resnet_cifar.errors import ConfigError
 from resnet_cifar.models.factory import MODELS
-from resnet_cifar.models.resnet9 import ACTIVATIONS
+from resnet_cifar.models.resnet9 import ACTIVATIONS, STEMS, TAILS
 from resnet_cifar.stages import STAGES
 from resnet_cifar.training.optim import LR_SCALING, OPTIMIZERS, SCHEDULERS
 
@@ -77,6 +77,7 @@ FRACTION = _rng(0, 1)
 @dataclass
 class AugmentSchema:
     crop_padding: int = f(check=_rng(0, 16))
+    padding_mode: str = f(check=_choice("zeros", "reflect"))
     flip: bool = f()
     alternating_flip: bool = f()
     cutout: int = f(check=_rng(0, 32))
@@ -130,6 +131,12 @@ class ModelSchema:
     pool_before_bn: bool = f()
     output_scale: float = f(check=_rng(0, 100, lo_open=True))
     bn_scale_trainable: bool = f()
+    stem: str = f(check=_choice(*STEMS))
+    tails: list[str] = f(check=((lambda v: len(v) == 3), "3 values"), each=_choice(*TAILS))
+    ghost_batch: int = f(check=_rng(0, 65_536))
+    bn_momentum: float = f(check=_rng(0, 1, lo_open=True))
+    bn_eps: float = f(check=_rng(0, 1, lo_open=True))
+    dirac_init: bool = f()
     # all
     weights_path: str | None = f()
     load_head: bool = f()
@@ -155,6 +162,13 @@ class OptimizerSchema:
     # sgd
     momentum: float = f(check=_rng(0, 1, hi_open=True))
     nesterov: bool = f()
+    # muon (training/muon.py)
+    muon_lr: float = f(check=_rng(0, 10, lo_open=True))
+    muon_momentum: float = f(check=_rng(0, 1, hi_open=True))
+    muon_nesterov: bool = f()
+    muon_ns_steps: int = f(check=_rng(1, 20))
+    muon_weight_decay: float = f(check=_rng(0, 1))
+    muon_normalize: bool = f()
     # adamw
     betas: list[float] = f(check=((lambda v: len(v) == 2), "2 values"), each=_rng(0, 1, hi_open=True))
     eps: float = f(check=_rng(0, 1, lo_open=True))
@@ -180,6 +194,7 @@ class SchedulerSchema:
 class ModuleSchema:
     channels_last: bool = f()
     tta_flip: bool = f()
+    tta_translate: int = f(check=_rng(0, 8))
     compile: bool = f()
     compile_mode: str = f(check=_choice("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
     compile_dynamic: bool | None = f()

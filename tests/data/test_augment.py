@@ -315,3 +315,22 @@ def test_alternating_flip_mirrors_each_image_on_every_other_epoch():
     assert not torch.equal(independent[1], ~independent[0])  # random flips repeat a side for some images
     crops = [_which_window(_aug(alternating_flip=True), x, torch.arange(n), epoch) for epoch in (0, 2)]
     assert [w[:2] for w in crops[0]] != [w[:2] for w in crops[1]]
+
+
+def test_reflect_padding_crops_windows_of_the_mirrored_image():
+    """padding_mode=reflect: each image is a (mirrored) window of F.pad(mode="reflect"), every offset drawn."""
+    aug = _aug(crop_padding=2, padding_mode="reflect", seed=3)
+    x = _images(256, seed=2)
+    index = torch.arange(256)
+    out = aug.crop_flip(x, index, epoch=1)
+    from resnet_cifar.data.augment import random_ints
+
+    oy, ox = random_ints(index, 3, 1, 0, 5), random_ints(index, 3, 1, 1, 5)
+    flip = random_ints(index, 3, 1, 2, 2).bool()
+    padded = F.pad(x.float(), (2,) * 4, mode="reflect").to(torch.uint8)  # F.pad reflects float tensors only
+    for i in range(256):
+        win = padded[i, :, oy[i] : oy[i] + 32, ox[i] : ox[i] + 32]
+        assert torch.equal(out[i], win.flip(-1) if flip[i] else win)
+    assert len(set(zip(oy.tolist(), ox.tolist()))) == 25  # every shift of -2..2 in both directions
+    zeros = _aug(crop_padding=2, seed=3).crop_flip(x, index, epoch=1)
+    assert (zeros == 0).sum() > (out == 0).sum() + 1000  # black borders only with zero padding

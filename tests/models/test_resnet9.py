@@ -164,3 +164,100 @@ def test_freeze_schedules_hold_the_resnet9_backbone(synthetic_root, tmp_path, st
 def test_resnet9_options_on_another_model_are_a_config_error():
     with pytest.raises(ConfigError, match=r"model.widths, model.activation apply to resnet9 only, not resnet20"):
         build_model("resnet20", widths=[32, 64, 128, 256], activation="celu")
+
+
+# ------------------------------------------------------------------ the descendants' options
+AIRBENCH = dict(widths=[24, 64, 256, 256], stem="whiten", tails=["conv", "conv", "conv"], activation="gelu")
+
+
+def test_airbench_layout_matches_its_hand_count():
+    """stem=whiten, tails=conv: a 2x2 conv (with bias) to 24 channels at 31x31, then per stage a pooled conv
+    and one more conv, no shortcuts: airbench94's network (its head has no bias, ours has)."""
+    w0, w1, w2, w3 = AIRBENCH["widths"]
+    model = build_model("resnet9", **AIRBENCH).eval()
+    convs = [(w0, w1, 31), (w1, w1, 15), (w1, w2, 15), (w2, w2, 7), (w2, w3, 7), (w3, w3, 3)]
+    whiten = 3 * 4 * w0
+    params = whiten + w0 + sum(9 * a * b for a, b, _ in convs) + 2 * 2 * (w1 + w2 + w3) + w3 * 10 + 10
+    assert n_params(model) == params
+    with FlopCounterMode(display=False) as counter:
+        model(torch.randn(1, 3, 32, 32))
+    macs = whiten * 31 * 31 + sum(9 * a * b * s * s for a, b, s in convs) + w3 * 10
+    assert counter.get_total_flops() == 2 * macs
+    assert isinstance(model.backbone.prep.act, nn.GELU)
+    assert [type(m).__name__ for m in model.backbone.layer2] == ["ConvBlock", "ConvBlock"]
+
+
+def _correlated_images(n: int, seed: int = 0) -> torch.Tensor:
+    """Smooth, correlated images (neighbouring pixels and channels alike), as natural images are."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, 1, 17, 17, generator=g)
+    x = nn.functional.interpolate(base, size=32, mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
+    return x + 0.1 * torch.randn(n, 3, 32, 32, generator=g) + torch.tensor([0.5, 0.0, -0.5]).view(1, 3, 1, 1)
+
+
+def test_patch_whitening_decorrelates_the_training_patches():
+    from resnet_cifar.models.resnet9 import PatchWhitening
+
+    layer = PatchWhitening(eps=1e-6)
+    assert not layer.fitted and not layer.weight.requires_grad
+    images = _correlated_images(200)
+    layer.fit(images, chunk=64)  # chunks: the covariance is accumulated, not computed at once
+    assert layer.fitted
+    with torch.no_grad():
+        out = nn.functional.conv2d(images, layer.weight)  # bias aside: the filters only
+    first, second = out[:, :12], out[:, 12:]
+    torch.testing.assert_close(second, -first)  # each direction and its negative
+    z = first.permute(0, 2, 3, 1).reshape(-1, 12).double()
+    second_moment = z.T @ z / len(z)
+    torch.testing.assert_close(second_moment, torch.eye(12, dtype=torch.float64), atol=2e-3, rtol=0)
+    raw = images.unfold(2, 2, 1).unfold(3, 2, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, 12).double()
+    assert (raw.T @ raw / len(raw) - torch.eye(12, dtype=torch.float64)).abs().max() > 0.5  # it was not white
+
+
+def test_ghost_batchnorm_normalises_each_slice_and_averages_the_running_statistics():
+    from resnet_cifar.models.resnet9 import GhostBatchNorm2d
+
+    torch.manual_seed(0)
+    bn = GhostBatchNorm2d(3, ghost_batch=4, momentum=0.5).train()
+    x = torch.randn(12, 3, 5, 5)
+    x[1::3] += 4.0  # slice 1 (images 1, 4, 7, 10) shifted: one statistic over the batch would not centre it
+    x = x.contiguous(memory_format=torch.channels_last)
+    y = bn(x)
+    for j in range(3):  # S = 12 / 4 = 3 slices; image i is in slice i mod 3, normalised by its slice's statistics
+        part = x[j::3]
+        mean, var = part.mean(dim=(0, 2, 3), keepdim=True), part.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+        torch.testing.assert_close(y[j::3], (part - mean) / torch.sqrt(var + bn.eps), atol=1e-5, rtol=1e-5)
+    slice_means = torch.stack([x[j::3].mean(dim=(0, 2, 3)) for j in range(3)]).mean(0)
+    torch.testing.assert_close(bn.running_mean, 0.5 * slice_means)  # from 0, momentum 0.5
+    plain = nn.BatchNorm2d(3).train()
+    assert plain(x)[1::3].mean() > 0.5  # whole-batch statistics leave slice 1 off centre
+    bn.eval()
+    torch.testing.assert_close(bn(x), nn.functional.batch_norm(x, bn.running_mean, bn.running_var, eps=bn.eps))
+    odd = bn.train()(torch.randn(6, 3, 5, 5))  # not a multiple of 4: normalised whole
+    torch.testing.assert_close(odd.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-5, rtol=0)
+
+
+def test_ghost_batch_and_batchnorm_options_reach_every_norm():
+    from resnet_cifar.models.resnet9 import GhostBatchNorm2d
+
+    model = ResNet9(TINY, ghost_batch=8, bn_momentum=0.4, bn_eps=1e-12)
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(norms) == 8 and all(isinstance(m, GhostBatchNorm2d) and m.ghost_batch == 8 for m in norms)
+    assert all(m.momentum == 0.4 and m.eps == 1e-12 for m in norms)
+
+
+def test_dirac_init_starts_each_conv_as_the_identity():
+    torch.manual_seed(0)
+    model = ResNet9([24, 16, 32, 32], stem="whiten", tails=["conv"] * 3, dirac_init=True)
+    conv = model.layer1[1].conv  # 16 -> 16: the identity
+    x = torch.randn(2, 16, 8, 8)
+    torch.testing.assert_close(conv(x), x)
+    widening = model.layer2[0].conv.weight  # 16 -> 32: identity on the first 16 outputs, default init after
+    torch.testing.assert_close(widening[:16], nn.init.dirac_(torch.empty(16, 16, 3, 3)))
+    assert widening[16:].abs().sum() > 0
+    assert not model.whitening.fitted  # the whitening filters are left to the data
+
+
+def test_whiten_stem_needs_24_channels():
+    with pytest.raises(ValueError, match="24 channels"):
+        ResNet9([32, 64, 128, 256], stem="whiten")

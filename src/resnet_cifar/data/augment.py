@@ -40,12 +40,20 @@ def random_ints(index: torch.Tensor, seed: int, epoch: int, stream: int, high: i
     return random_bits(index, seed, epoch, stream) % high
 
 
+def _reflect(i: torch.Tensor, n: int) -> torch.Tensor:
+    """Positions ``i`` in ``[-(n - 1), 2 (n - 1)]`` mirrored into ``[0, n)`` as ``F.pad(mode="reflect")`` does."""
+    i = i.abs()
+    return torch.where(i > n - 1, 2 * (n - 1) - i, i)
+
+
 class BatchAugment:
     """Turn uint8 ``(B, 3, H, W)`` batches into normalised float batches.
 
     Args:
         mean, std: per-channel statistics in [0, 1] units.
-        crop_padding: zero padding for the random crop; 0 disables the crop.
+        crop_padding: padding for the random crop (a shift of up to this many pixels); 0 disables the crop.
+        padding_mode: ``zeros`` (the padding is black, before normalisation) or ``reflect`` (the image
+            mirrored at its border, airbench94's: no black bars, so every pixel the network sees is real).
         flip: random horizontal flip with probability 1/2.
         alternating_flip: with ``flip``, draw each image's flip once (epoch 0) and invert it every
             other epoch (airbench94's "alternating flip"): any two consecutive epochs show every
@@ -66,9 +74,11 @@ class BatchAugment:
         image_size: int = 32,
         seed: int = 0,
         alternating_flip: bool = False,
+        padding_mode: str = "zeros",
     ) -> None:
         self.preprocess = Preprocess(mean, std, image_size)
         self.crop_padding = crop_padding
+        self.padding_mode = padding_mode
         self.flip = flip
         self.alternating_flip = alternating_flip
         self.cutout = cutout
@@ -80,14 +90,16 @@ class BatchAugment:
         return self.preprocess(images)
 
     def crop_flip(self, images: torch.Tensor, index: torch.Tensor, epoch: int) -> torch.Tensor:
-        """Per-image random crop (with zero padding) and horizontal flip, as one gather."""
+        """Per-image random crop (of the padded image) and horizontal flip, as one gather."""
         b, c, h, w = images.shape
         p = self.crop_padding
         dev = images.device
         if p == 0 and not self.flip:
             return images
-        padded = F.pad(images, (p, p, p, p)) if p else images
-        hp, wp = h + 2 * p, w + 2 * p
+        reflect = self.padding_mode == "reflect"
+        # zeros: gather from the zero-padded batch; reflect: from the batch itself, at mirrored positions
+        padded = F.pad(images, (p, p, p, p)) if p and not reflect else images
+        hp, wp = padded.shape[-2:]
         oy = random_ints(index, self.seed, epoch, 0, 2 * p + 1) if p else torch.zeros(b, dtype=torch.long, device=dev)
         ox = random_ints(index, self.seed, epoch, 1, 2 * p + 1) if p else torch.zeros(b, dtype=torch.long, device=dev)
         ar_h = torch.arange(h, device=dev)
@@ -98,8 +110,10 @@ class BatchAugment:
             if self.alternating_flip and epoch % 2:
                 flip = ~flip
             cols = torch.where(flip[:, None], (w - 1 - ar_w).expand(b, w), cols)
-        rows = oy[:, None] + ar_h  # (B, H)
+        rows = oy[:, None] + ar_h  # (B, H), in padded coordinates
         cols = ox[:, None] + cols  # (B, W)
+        if reflect and p:  # padded -> source coordinates, mirrored at the border (without repeating it)
+            rows, cols = _reflect(rows - p, h), _reflect(cols - p, w)
         flat = (rows[:, :, None] * wp + cols[:, None, :]).reshape(b, 1, h * w).expand(b, c, h * w)
         out = padded.reshape(b, c, hp * wp).gather(2, flat)
         return out.reshape(b, c, h, w)

@@ -109,8 +109,8 @@ class CIFAR10DataModule(pl.LightningDataModule):
         on_device: keep the uint8 split on the training device (tensor loader); None: on a CUDA device.
         mean, std: normalisation statistics.
         image_size: side of the images fed to the model (resized when not 32).
-        augment: ``crop_padding``, ``flip``, ``cutout``, (tensor loader only) ``alternating_flip``, and
-            (torchvision loader only) ``color_jitter``, ``autoaugment``, ``random_erasing``.
+        augment: ``crop_padding``, ``padding_mode``, ``flip``, ``cutout``, (tensor loader only)
+            ``alternating_flip``, and (torchvision loader only) ``color_jitter``, ``autoaugment``, ``random_erasing``.
         classes: train and evaluate on these class ids only, relabelled 0..k-1.
         train_per_class: a seeded label budget per class drawn from the training split.
         strict_sizes: require the 50,000/10,000 images of the full dataset.
@@ -152,6 +152,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
         self.root = root
         aug_defaults = dict(
             crop_padding=4,
+            padding_mode="zeros",
             flip=True,
             alternating_flip=False,
             cutout=0,
@@ -171,6 +172,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
             image_size=image_size,
             seed=seed,
             alternating_flip=self.augment_cfg["alternating_flip"],
+            padding_mode=self.augment_cfg["padding_mode"],
         )
         self.mixer = BatchMix(self.num_classes, mixup, cutmix, seed) if mixup > 0 or cutmix > 0 else None
         self.splits: dict[str, IndexedImages] = {}
@@ -231,6 +233,15 @@ class CIFAR10DataModule(pl.LightningDataModule):
             f" (validation: fold {hp.fold} of {hp.num_folds})" if hp.num_folds else "",
         )
 
+    def train_images(self, n: int) -> torch.Tensor:
+        """The first ``n`` training images (in split order), normalised as the model sees them, unaugmented.
+
+        What data-dependent initialisations read (``model.stem=whiten``: :class:`~resnet_cifar.models.resnet9.
+        PatchWhitening`): a function of the split only, so every process and every run of a seed gets the same.
+        """
+        split = self.splits["train"]
+        return self.augmenter.normalize(split.images[split.indices[:n].to(split.images.device)])
+
     def _on_device(self) -> bool:
         """``data.on_device`` (tensor loader, under a Trainer); None: on a CUDA device (150 MB of uint8 images)."""
         if self.hparams.loader != "tensor" or self.trainer is None:
@@ -246,7 +257,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
         finish = [self.augmenter.preprocess]  # the same resize and normalisation as the tensor loader
         train = []
         if a["crop_padding"]:
-            train.append(v2.RandomCrop(32, padding=a["crop_padding"]))
+            train.append(v2.RandomCrop(32, padding=a["crop_padding"], padding_mode=a["padding_mode"]))
         if a["flip"]:
             train.append(v2.RandomHorizontalFlip())
         if a["autoaugment"]:

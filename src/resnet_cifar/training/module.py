@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,10 @@ from resnet_cifar.training.optim import (
 
 # The checkpoint entry that records the precision the run trained and tested with.
 PRECISION_KEY = "resnet_cifar_precision"
+# Training images whose 2x2 patches fit a whitening stem (airbench94's 5,000: ~5M patches for 12 x 12 values).
+WHITENING_IMAGES = 5000
+
+log = logging.getLogger(__name__)
 
 
 class ImageClassifier(pl.LightningModule):
@@ -43,6 +48,9 @@ class ImageClassifier(pl.LightningModule):
         class_names: kept with the checkpoint for reports and inference.
         channels_last: run convolutions in channels-last memory format.
         tta_flip: average the logits of each image and its mirror image at val/test time.
+        tta_translate: also average over the image shifted by this many pixels up-left and down-right
+            (reflection padding; with ``tta_flip`` each shift and its mirror image), airbench94's
+            "TTA level 2": weight 1/2 on the unshifted view(s), 1/4 on each shift. 0: off.
         compile: run the model through ``torch.compile`` (the compiled wrapper is not a submodule,
             so checkpoints keep the plain ``model.*`` keys).
         compile_mode: ``torch.compile``'s ``mode`` (``default``, ``reduce-overhead``: CUDA graphs, ...).
@@ -63,6 +71,7 @@ class ImageClassifier(pl.LightningModule):
         class_names: list[str] | None = None,
         channels_last: bool = False,
         tta_flip: bool = False,
+        tta_translate: int = 0,
         compile: bool = False,
         compile_mode: str = "default",
         compile_dynamic: bool | None = False,
@@ -125,14 +134,47 @@ class ImageClassifier(pl.LightningModule):
                 return self.model.head(features)
         return self._run_model(x)
 
+    def tta_logits(self, x: torch.Tensor, with_flip: bool = False) -> tuple[torch.Tensor, ...]:
+        """fp32 ``(headline, plain, flip)``: the logits the model predicts with, of the images as they are,
+        and of their mirror images (None unless ``tta_flip`` or ``with_flip``).
+
+        Every view (image, mirror image, shifts) goes through the model in ONE call on their
+        concatenation: one pass of large matmuls, and no output of a first call overwritten by a
+        second under CUDA graphs (``module.compile_mode=reduce-overhead``). Cast to fp32 once, so that
+        every number computed from them is the same under every precision.
+        """
+        flip, shift = self.hparams.tta_flip, self.hparams.get("tta_translate", 0)
+        views = [x, x.flip(-1)] if flip or with_flip else [x]
+        if shift:
+            padded = F.pad(x, (shift,) * 4, mode="reflect")
+            h, w = x.shape[-2:]
+            shifted = [padded[..., :h, :w], padded[..., 2 * shift :, 2 * shift :]]
+            views += shifted + ([v.flip(-1) for v in shifted] if flip else [])
+        out = self(torch.cat(views) if len(views) > 1 else x).float().chunk(len(views))
+        plain, mirrored = out[0], (out[1] if flip or with_flip else None)
+        headline = (plain + mirrored) / 2 if flip else plain
+        if shift:
+            first_shift = 2 if flip or with_flip else 1
+            headline = (headline + torch.stack(out[first_shift:]).mean(0)) / 2
+        return headline, plain, mirrored
+
     def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Eval-time fp32 logits, averaged with the mirror image's when ``tta_flip`` (as :meth:`_eval_step`)."""
-        logits = self(x).float()
-        if self.hparams.tta_flip:
-            logits = (logits + self(x.flip(-1)).float()) / 2
-        return logits
+        """Eval-time fp32 logits with the model's TTA (``tta_flip``, ``tta_translate``), as :meth:`_eval_step`."""
+        return self.tta_logits(x)[0]
 
     # -------------------------------------------------------------- steps
+    def setup(self, stage: str) -> None:
+        """Before fitting: the data-dependent initialisation of a patch-whitening stem (``model.stem=whiten``).
+
+        Skipped when the filters came with the weights (``model.weights_path``); a resumed run's
+        checkpoint is restored after this hook, so it keeps its own filters.
+        """
+        whitening = getattr(self.model.backbone, "whitening", None)
+        if stage == "fit" and whitening is not None and not whitening.fitted:
+            images = self.trainer.datamodule.train_images(WHITENING_IMAGES)
+            whitening.fit(images.to(whitening.weight.device))
+            log.info("Patch whitening fitted on %d training images", len(images))
+
     def on_train_start(self) -> None:
         self.val_acc_best.reset()  # forget the sanity-check validation
         metric_state.restore(self, self._resumed_metric_states)  # a resumed run: where it stopped
@@ -168,12 +210,9 @@ class ImageClassifier(pl.LightningModule):
 
     def _eval_step(self, batch, acc: MulticlassAccuracy, mean_loss: MeanMetric, report: bool = False) -> None:
         x, y, index = batch
-        # Cast once: under autocast the model returns bf16/fp16 logits; test/acc, the loss and every number
-        # of the report come from these same fp32 logits, so the report's top-1 is test/acc exactly.
-        logits = self(x).float()
-        need_flip = self.hparams.tta_flip or (report and self.report_metrics.tta)
-        flip = self(x.flip(-1)).float() if need_flip else None
-        headline = (logits + flip) / 2 if self.hparams.tta_flip else logits  # as predict_logits
+        # test/acc, the loss and every number of the report come from these same fp32 logits, so the
+        # report's top-1 is test/acc exactly.
+        headline, logits, flip = self.tta_logits(x, with_flip=report and self.report_metrics.tta)
         acc.update(headline, y)
         mean_loss.update(F.cross_entropy(headline, y, reduction="none"))
         if report:

@@ -17,9 +17,10 @@ import torch
 from torch import nn
 
 from resnet_cifar.errors import ConfigError
+from resnet_cifar.training.muon import MuonSGD
 
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULERS = ("cosine", "onecycle", "multistep", "none")
+OPTIMIZERS = ("sgd", "adamw", "muon")
+SCHEDULERS = ("cosine", "onecycle", "linear", "multistep", "none")
 # How optimizer.lr grows with the number of processes, each training on data.batch_size images:
 # none: as given; linear: x world_size (the global batch grows by that factor; Goyal et al. 2017,
 # with warm-up); sqrt: x sqrt(world_size).
@@ -42,6 +43,7 @@ def param_groups(
     include_backbone: bool = True,
     no_decay_bn_bias: bool = True,
     bn_lr_ratio: float = 1.0,
+    muon: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Groups ``head``, ``head_no_decay``, ``backbone``, ``backbone_no_decay`` (empty ones dropped).
 
@@ -49,22 +51,32 @@ def param_groups(
     ``no_decay_bn_bias``. The group names appear in the LR monitor's curves.
 
     With ``bn_lr_ratio`` != 1 the batch-norm parameters that train (with frozen BN scales: the
-    biases) form groups of their own, ``head_bn``/``backbone_bn``, at ``bn_lr_ratio`` times their
-    part's LR and ``weight_decay / bn_lr_ratio`` (0 with ``no_decay_bn_bias``), so that the decay
-    per step, LR x weight decay, stays as it was: cifar10-fast and airbench train them at 64x.
+    biases) and the patch-whitening layer's bias form groups of their own, ``head_bn``/``backbone_bn``,
+    at ``bn_lr_ratio`` times their part's LR and ``weight_decay / bn_lr_ratio`` (0 with
+    ``no_decay_bn_bias``), so that the decay per step, LR x weight decay, stays as it was:
+    cifar10-fast and airbench train them at 64x.
+
+    With ``muon`` (``lr``, ``weight_decay``) the conv filters (4-d) form ``*_muon`` groups
+    (``"muon": True``) at ``muon["lr"]`` times the part's ``backbone_lr_ratio``: see
+    :class:`~resnet_cifar.training.muon.MuonSGD`.
     """
+    from resnet_cifar.models.resnet9 import PatchWhitening
+
     bn = set()
     if bn_lr_ratio != 1.0:
         bn = {id(p) for m in model.modules() if isinstance(m, BATCH_NORMS) for p in m.parameters(recurse=False)}
+        bn |= {id(m.bias) for m in model.modules() if isinstance(m, PatchWhitening)}
     bn_decay = 0.0 if no_decay_bn_bias else weight_decay / bn_lr_ratio
     parts = [("head", 1.0)] + ([("backbone", backbone_lr_ratio)] if include_backbone else [])
     groups = []
     for part, ratio in parts:
-        decay, no_decay, bn_params = [], [], []
+        decay, no_decay, bn_params, filters = [], [], [], []
         for p in getattr(model, part).parameters():
             if p.requires_grad:
                 if id(p) in bn:
                     bn_params.append(p)
+                elif muon is not None and p.ndim == 4:
+                    filters.append(p)
                 else:
                     (no_decay if no_decay_bn_bias and p.ndim <= 1 else decay).append(p)
         for suffix, params, wd, r in (
@@ -74,6 +86,9 @@ def param_groups(
         ):
             if params:
                 groups.append({"name": part + suffix, "params": params, "lr": lr * ratio * r, "weight_decay": wd})
+        if filters:
+            group = {"params": filters, "lr": muon["lr"] * ratio, "weight_decay": muon["weight_decay"]}
+            groups.append({"name": part + "_muon", **group, "muon": True})
     return groups
 
 
@@ -87,6 +102,7 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """The optimizer over :func:`param_groups` of ``model``, with the LRs assembled as the module docstring says."""
     lr = cfg["lr"] * lr_scale(lr_scaling, world_size)
+    muon = cfg["name"] == "muon"
     groups = param_groups(
         model,
         lr=lr,
@@ -95,7 +111,20 @@ def build_optimizer(
         include_backbone=include_backbone,
         no_decay_bn_bias=cfg.get("no_decay_bn_bias", True),
         bn_lr_ratio=cfg.get("bn_lr_ratio", 1.0),
+        # Muon's LR is not scaled with the number of processes: its update has a fixed size per step
+        muon={"lr": cfg["muon_lr"], "weight_decay": cfg["muon_weight_decay"]} if muon else None,
     )
+    if muon:
+        return MuonSGD(
+            groups,
+            lr=lr,
+            momentum=cfg.get("momentum", 0.9),
+            nesterov=cfg.get("nesterov", True),
+            muon_momentum=cfg["muon_momentum"],
+            muon_nesterov=cfg["muon_nesterov"],
+            ns_steps=cfg["muon_ns_steps"],
+            normalize=cfg["muon_normalize"],
+        )
     # On CUDA, fused kernels: one launch for all parameters, and under 16-mixed GradScaler hands them its
     # inf check instead of calling found_inf.item() (a host sync) at every step. Elsewhere torch's default.
     params = [p for g in groups for p in g["params"]]

@@ -1,0 +1,59 @@
+"""Test-time augmentation: every view in one batched call, airbench94's weights for the shifted views."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from resnet_cifar.training.module import ImageClassifier
+
+
+def _module(**kw) -> ImageClassifier:
+    torch.manual_seed(0)
+    model = {"name": "resnet9", "widths": [8, 16, 32, 64]}
+    return ImageClassifier(model=model, optimizer={"name": "sgd", "lr": 0.1}, scheduler={"name": "none"}, **kw).eval()
+
+
+def _views(x: torch.Tensor, shift: int) -> tuple[torch.Tensor, torch.Tensor]:
+    padded = F.pad(x, (shift,) * 4, mode="reflect")
+    return padded[..., :32, :32], padded[..., 2 * shift :, 2 * shift :]  # up-left, down-right
+
+
+@pytest.mark.parametrize("flip", [True, False])
+def test_translate_tta_weights_the_shifted_views_as_airbench(flip):
+    module = _module(tta_flip=flip, tta_translate=1)
+    x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    calls = []
+    module.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
+    with torch.no_grad():
+        tta = module.predict_logits(x)
+        assert calls == [5 * (6 if flip else 3)]  # one call on every view
+        one = module.model  # the views one at a time, without the module's hook
+
+        def mirror(v):
+            return (one(v) + one(v.flip(-1))) / 2 if flip else one(v)
+
+        up_left, down_right = _views(x, 1)
+        expected = 0.5 * mirror(x) + 0.25 * mirror(up_left) + 0.25 * mirror(down_right)
+    torch.testing.assert_close(tta, expected, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        assert not torch.allclose(tta, mirror(x), atol=1e-4)  # the shifts change a random network's logits
+
+
+def test_report_views_come_from_the_same_call():
+    """_eval_step's plain and mirrored logits (the report's top-1 without TTA and with flip only) are the first
+    two views of the batched call; the headline is the full TTA."""
+    module = _module(tta_flip=False, tta_translate=2)
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        headline, plain, mirrored = module.tta_logits(x, with_flip=True)
+        torch.testing.assert_close(plain, module.model(x), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(mirrored, module.model(x.flip(-1)), atol=1e-5, rtol=1e-4)
+        up_left, down_right = _views(x, 2)
+        expected = 0.5 * module.model(x) + 0.25 * (module.model(up_left) + module.model(down_right))
+        torch.testing.assert_close(headline, expected, atol=1e-5, rtol=1e-4)
+        off = _module()
+        off.load_state_dict(module.state_dict())
+        assert off.tta_logits(x)[2] is None
+        torch.testing.assert_close(off.predict_logits(x), plain, atol=1e-5, rtol=1e-4)
