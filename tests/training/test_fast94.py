@@ -1,4 +1,5 @@
-"""experiment=fast94 and the optimizer option it brings: the 64x LR of the batch-norm parameters."""
+"""The ResNet-9 recipes: experiment=resnet9_page (Page's) with the optimizer option it brings, the 64x LR of the
+batch-norm parameters, and experiment=fast94 (airbench94's)."""
 
 from __future__ import annotations
 
@@ -58,8 +59,8 @@ def test_bn_lr_ratio_one_keeps_the_groups_as_they_were(tmp_path):
         validate_train_config(compose_cfg(["optimizer.bn_lr_ratio=0"], tmp_path))
 
 
-def test_fast94_composes_pages_recipe(tmp_path):
-    cfg = compose_cfg(["experiment=fast94"], tmp_path)
+def test_resnet9_page_composes_pages_recipe(tmp_path):
+    cfg = compose_cfg(["experiment=resnet9_page"], tmp_path)
     validate_train_config(cfg)
     assert cfg.model.name == "resnet9" and cfg.trainer.max_epochs <= 10 and cfg.module.tta_flip
     assert cfg.callbacks.ema.decay == pytest.approx(0.99**5, abs=1e-3) and "model_checkpoint" in cfg.callbacks
@@ -68,15 +69,15 @@ def test_fast94_composes_pages_recipe(tmp_path):
     with pytest.raises(ConfigError, match="alternating_flip needs the batched augmentation"):
         validate_train_config(
             compose_cfg(
-                ["experiment=fast94", "data.augment.alternating_flip=true", "data.loader=torchvision"], tmp_path
+                ["experiment=resnet9_page", "data.augment.alternating_flip=true", "data.loader=torchvision"], tmp_path
             )
         )
 
 
-def test_fast94_trains_end_to_end_on_synthetic_data(synthetic_root, tmp_path):
+def test_resnet9_page_trains_end_to_end_on_synthetic_data(synthetic_root, tmp_path):
     """The whole recipe (narrow widths, 2 short epochs): EMA, frozen scales, 64x BN LR, TTA, mixing on."""
     overrides = [
-        "experiment=fast94",
+        "experiment=resnet9_page",
         *synthetic_overrides(synthetic_root),
         f"model.widths=[{','.join(map(str, TINY))}]",
         "optimizer.lr=0.2",  # the synthetic set has 400 images: 8 steps of 50
@@ -94,3 +95,21 @@ def test_fast94_trains_end_to_end_on_synthetic_data(synthetic_root, tmp_path):
     assert bn_scales and all(torch.equal(v, torch.ones_like(v)) for v in bn_scales)
     hp = ckpt["hyper_parameters"]
     assert OmegaConf.create(hp["model"]).widths == TINY and hp["optimizer"]["bn_lr_ratio"] == 64
+
+
+def test_fast94_composes_airbench94s_recipe(tmp_path):
+    cfg = compose_cfg(["experiment=fast94"], tmp_path)
+    validate_train_config(cfg)
+    model = cfg.model
+    assert (model.name, model.stem, list(model.widths)) == ("resnet9", "whiten", [24, 64, 256, 256])
+    assert list(model.tails) == ["conv"] * 3 and model.activation == "gelu" and not model.bn_scale_trainable
+    assert (cfg.optimizer.name, cfg.scheduler.name, cfg.scheduler.warmup_epochs) == ("muon", "linear", 0)
+    assert cfg.trainer.max_epochs <= 10 and cfg.label_smoothing == 0.2
+    assert cfg.module.tta_flip and cfg.module.tta_translate == 1
+    augment = cfg.data.augment
+    assert (augment.crop_padding, augment.padding_mode, augment.alternating_flip) == (2, "reflect", True)
+    for preset, budget in (("cpu_10min", "00:00:08:00"), ("cpu_30min", "00:00:27:30")):
+        timed = compose_cfg([f"experiment={preset}"], tmp_path)
+        validate_train_config(timed)
+        assert timed.scheduler.progress == "time" and timed.trainer.max_time == budget
+        assert timed.trainer.max_epochs == -1 and timed.model == cfg.model and timed.optimizer == cfg.optimizer
