@@ -1,6 +1,6 @@
 """The speedrun anchors' options end to end (patch-whitening stem, two-conv stages, ghost batch norm, Muon, reflect
-crops, translate TTA, a linear schedule): the whitening is fitted from the training split, and a killed run
-resumes bit for bit with every option on."""
+crops, translate TTA, a linear schedule, lookahead): the whitening is fitted from the training split, and a
+killed run resumes bit for bit with every option on."""
 
 from __future__ import annotations
 
@@ -55,6 +55,8 @@ def options(root: Path) -> list[str]:
         "callbacks.last_checkpoint.every_n_train_steps=3",
         "callbacks.last_checkpoint.every_n_minutes=null",
         "logger=csv",
+        "callbacks=[default,lookahead]",
+        "callbacks.lookahead.every_n_steps=5",  # the resumed checkpoint (step 12) lies between two syncs
     ]
 
 

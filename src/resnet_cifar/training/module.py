@@ -251,6 +251,13 @@ class ImageClassifier(pl.LightningModule):
         return self.predict_logits(batch[0]).softmax(-1)
 
     # ------------------------------------------------------- optimisation
+    def training_progress(self, step: int) -> float:
+        """Fraction of training done at optimizer step ``step``, as the LR schedule counts it: of the wall-clock
+        budget under ``scheduler.progress=time``, else of the run's steps (for callbacks that ramp with it)."""
+        if getattr(self, "_time_progress", None) is not None:
+            return self._time_progress(step)
+        return min(1.0, step / max(1.0, float(self.trainer.estimated_stepping_batches)))
+
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = build_optimizer(
             dict(self.hparams.optimizer),
@@ -262,12 +269,13 @@ class ImageClassifier(pl.LightningModule):
         )
         sched_cfg = dict(self.hparams.scheduler)
         by_time = sched_cfg.get("progress", "steps") == "time"
+        self._time_progress = budget_progress(self.trainer) if by_time else None
         scheduler = build_scheduler(
             sched_cfg,
             optimizer,
             total_steps=1 if by_time else self.trainer.estimated_stepping_batches,
             max_epochs=self.trainer.max_epochs,
-            time_progress=budget_progress(self.trainer) if by_time else None,
+            time_progress=self._time_progress,
         )
         warmup = self.schedule.backbone_warmup_epochs
         if warmup and self.schedule.backbone_in_optimizer:
