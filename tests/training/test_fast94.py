@@ -112,4 +112,6 @@ def test_fast94_composes_airbench94s_recipe(tmp_path):
         timed = compose_cfg([f"experiment={preset}"], tmp_path)
         validate_train_config(timed)
         assert timed.scheduler.progress == "time" and timed.trainer.max_time == budget
-        assert timed.trainer.max_epochs == -1 and timed.model == cfg.model and timed.optimizer == cfg.optimizer
+        assert timed.trainer.max_epochs == -1 and timed.optimizer == cfg.optimizer
+        widths = [24, 128, 384, 384] if preset == "cpu_30min" else list(cfg.model.widths)  # airbench95's, airbench94's
+        assert {**timed.model, "widths": widths} == {**cfg.model, "widths": widths} and timed.model.widths == widths
