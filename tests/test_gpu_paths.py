@@ -1,0 +1,47 @@
+"""The CUDA code paths, checked on the CPU: each test stands a GPU in for what decides (``is_cuda``, a
+strategy, a device) and runs the real code behind it (issue 29)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from resnet_cifar.training.module import ImageClassifier
+from resnet_cifar.training.optim import fused_kwargs
+
+
+# ------------------------------------------------------------- fused optimizers and gradient clipping
+def test_fused_on_cuda_only_without_clipping():
+    cuda, cpu = SimpleNamespace(is_cuda=True), SimpleNamespace(is_cuda=False)
+    assert fused_kwargs([cuda, cuda], clipping=False) == {"fused": True}
+    assert fused_kwargs([cuda, cuda], clipping=True) == {"foreach": True}
+    assert fused_kwargs([cuda, cpu], clipping=False) == {}  # torch's default off CUDA
+    assert fused_kwargs([], clipping=False) == {}
+
+
+def test_clipping_under_mixed_precision_trains_with_parameters_that_look_like_cuda(monkeypatch):
+    """Lightning's MixedPrecision.clip_gradients raises for a fused optimizer (bf16-mixed too); fused SGD
+    runs on the CPU as well, so with ``is_cuda`` true for every tensor the GPU's first step runs here."""
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    torch.manual_seed(0)
+    module = ImageClassifier(
+        model={"name": "resnet20"}, optimizer={"name": "sgd", "lr": 0.1}, scheduler={"name": "none"}
+    )
+    x, y = torch.randn(8, 3, 32, 32), torch.arange(8) % 10
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        precision="bf16-mixed",
+        gradient_clip_val=1.0,
+        max_steps=2,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, DataLoader(TensorDataset(x, y, torch.arange(8)), batch_size=4))
+    assert trainer.global_step == 2
+    assert trainer.optimizers[0].defaults["foreach"] is True and not trainer.optimizers[0].defaults["fused"]
