@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from resnet_cifar.data.datamodule import CIFAR10DataModule
 from resnet_cifar.training.module import ImageClassifier
 from resnet_cifar.training.optim import fused_kwargs
 
@@ -45,3 +47,26 @@ def test_clipping_under_mixed_precision_trains_with_parameters_that_look_like_cu
     trainer.fit(module, DataLoader(TensorDataset(x, y, torch.arange(8)), batch_size=4))
     assert trainer.global_step == 2
     assert trainer.optimizers[0].defaults["foreach"] is True and not trainer.optimizers[0].defaults["fused"]
+
+
+# ---------------------------------------------------------------------------------- data on the device
+def _datamodule(root, device: str, **kw) -> CIFAR10DataModule:
+    """A data module set up under a Trainer stand-in whose root device is ``device`` (``meta`` stands in for CUDA)."""
+    dm = CIFAR10DataModule(
+        root=str(root), download=False, strict_sizes=False, val_size=100, batch_size=50, eval_batch_size=100, **kw
+    )
+    dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)))
+    dm.setup("fit")
+    return dm
+
+
+@pytest.mark.parametrize("pin_memory", [True, None])
+def test_a_split_on_the_device_is_never_pinned(synthetic_root, pin_memory):
+    dm = _datamodule(synthetic_root, "meta", pin_memory=pin_memory, on_device=True)
+    assert dm.splits["train"].images.device.type == "meta"  # the split went to the device
+    assert dm.train_dataloader().pin_memory is False and dm.val_dataloader().pin_memory is False
+
+
+def test_host_data_is_pinned_when_asked(synthetic_root):
+    assert _datamodule(synthetic_root, "meta", pin_memory=True, on_device=False).train_dataloader().pin_memory
+    assert not _datamodule(synthetic_root, "cpu", on_device=False).train_dataloader().pin_memory

@@ -105,7 +105,8 @@ class CIFAR10DataModule(pl.LightningDataModule):
         batch_size, eval_batch_size: images per batch for training and for val/test.
         loader: ``"tensor"`` or ``"torchvision"`` (see the module docstring).
         num_workers: DataLoader workers (torchvision loader only; the tensor loader needs none).
-        pin_memory: pin host batches for asynchronous copies; None: when a CUDA device trains on host data.
+        pin_memory: pin host batches for asynchronous copies; None: when a CUDA device trains on host data
+            (never a split on the device).
         on_device: keep the uint8 split on the training device (tensor loader); None: on a CUDA device.
         mean, std: normalisation statistics.
         image_size: side of the images fed to the model (resized when not 32).
@@ -293,11 +294,16 @@ class CIFAR10DataModule(pl.LightningDataModule):
         )
 
     def _pin(self) -> bool:
-        """``data.pin_memory``; null: pin host batches bound for a CUDA device (asynchronous copies)."""
+        """``data.pin_memory``; null: pin host batches bound for a CUDA device (asynchronous copies).
+
+        Never a split that is already on the device (``data.on_device``): the DataLoader would pin its
+        CUDA batches and fail ("cannot pin 'torch.cuda.ByteTensor'"), whatever ``data.pin_memory`` says.
+        """
+        if self.splits["train"].images.device.type != "cpu":
+            return False
         if self.hparams.pin_memory is not None:
             return bool(self.hparams.pin_memory)
-        on_cuda = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
-        return on_cuda and self.splits["train"].images.device.type == "cpu"
+        return self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
 
     def train_dataloader(self) -> DataLoader:
         self._train_loader = self._loader("train")
