@@ -70,3 +70,16 @@ def test_a_split_on_the_device_is_never_pinned(synthetic_root, pin_memory):
 def test_host_data_is_pinned_when_asked(synthetic_root):
     assert _datamodule(synthetic_root, "meta", pin_memory=True, on_device=False).train_dataloader().pin_memory
     assert not _datamodule(synthetic_root, "cpu", on_device=False).train_dataloader().pin_memory
+
+
+def test_per_sample_transforms_keep_a_preprocessing_of_their_own_on_the_cpu(synthetic_root):
+    """The prediction grid prepares its images on the training device through transform_batch; the
+    torchvision loader's per-sample pipeline (run in forked workers) must not follow it there."""
+    dm = _datamodule(synthetic_root, "cpu", loader="torchvision")
+    split = dm.splits["val"]
+    index = split.indices[:4]
+    dm.transform_batch((split.images[index].to("meta"), split.labels[index], index.to("meta")), train=False)
+    assert dm.augmenter.preprocess.mean.device.type == "meta"  # the grid's, on the "GPU"
+    for name in ("train", "val"):
+        x, _, _ = dm.splits[name][0]
+        assert x.device.type == "cpu" and x.dtype == torch.float32 and x.shape == (3, 32, 32)

@@ -14,6 +14,7 @@ Every batch leaves the DataModule as ``(images, labels)`` with normalised float 
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -244,7 +245,10 @@ class CIFAR10DataModule(pl.LightningDataModule):
         from torchvision.transforms import v2
 
         a = self.augment_cfg
-        finish = [self.augmenter.preprocess]  # the same resize and normalisation as the tensor loader
+        # The same resize and normalisation as the tensor loader, in a copy of their own on the CPU: the
+        # augmenter's follows the batches it is given to the GPU (the prediction grid's transform_batch), and
+        # DataLoader workers forked after that would inherit its CUDA buffers.
+        finish = [copy.deepcopy(self.augmenter.preprocess).cpu()]
         train = []
         if a["crop_padding"]:
             train.append(v2.RandomCrop(32, padding=a["crop_padding"]))
