@@ -83,3 +83,25 @@ def test_per_sample_transforms_keep_a_preprocessing_of_their_own_on_the_cpu(synt
     for name in ("train", "val"):
         x, _, _ = dm.splits[name][0]
         assert x.device.type == "cpu" and x.dtype == torch.float32 and x.shape == (3, 32, 32)
+
+
+# ------------------------------------------------------------------------------- no collective alone
+def test_one_process_under_ddp_never_broadcasts_the_checkpoint_clock(tmp_path, monkeypatch):
+    """trainer=ddp on one GPU: a DDPStrategy with world_size 1, whose broadcast is still a collective."""
+    from resnet_cifar.training import checkpointing
+
+    def collective(obj):
+        raise AssertionError("a collective with one process")
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(checkpointing.time, "monotonic", lambda: clock["now"])
+    cb = checkpointing.LastCheckpoint(tmp_path, every_n_minutes=1, every_n_epochs=None)
+    trainer = SimpleNamespace(global_step=0, world_size=1, strategy=SimpleNamespace(broadcast=collective))
+    cb.on_train_start(trainer, None)
+    due = []
+    for step in range(1, 3 * checkpointing.CLOCK_EVERY):
+        trainer.global_step, clock["now"] = step, 10.0 * step
+        if cb._due(trainer):
+            due.append(step)
+            cb._last_save = clock["now"]
+    assert due == [6, 12, 18, 24, 30, 36, 42]  # every minute on the step, not at multiples of CLOCK_EVERY
