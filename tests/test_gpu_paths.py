@@ -105,3 +105,47 @@ def test_one_process_under_ddp_never_broadcasts_the_checkpoint_clock(tmp_path, m
             due.append(step)
             cb._last_save = clock["now"]
     assert due == [6, 12, 18, 24, 30, 36, 42]  # every minute on the step, not at multiples of CLOCK_EVERY
+
+
+# ------------------------------------------------------------------------------ EMA without host syncs
+class _TwoDtypes(pl.LightningModule):
+    """Float parameters and buffers, and an integer buffer: two dtype groups per update."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.bn = torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2)
+
+
+def test_an_ema_update_reads_nothing_back_from_the_device(monkeypatch):
+    """On a GPU every conversion of a tensor to a Python value is a host sync: after the count is read once,
+    updates make none (torch's AveragedModel makes ~4: bool(n_averaged == 0), n_averaged > 0, int() per group)."""
+    from torch.optim.swa_utils import AveragedModel
+
+    from resnet_cifar.training.ema import EmaUpdate, EMAWeights
+
+    torch.manual_seed(0)
+    module, cb = _TwoDtypes(), EMAWeights(decay=0.9, warmup=True)
+    reference = AveragedModel(module, multi_avg_fn=EmaUpdate(0.9, warmup=True), use_buffers=True)
+    cb.setup(SimpleNamespace(), module, "fit")
+    steps = []
+    for step in range(1, 7):
+        with torch.no_grad():
+            for t in (*module.parameters(), *module.buffers()):
+                t.add_(torch.randn(t.shape).to(t.dtype) if t.is_floating_point() else 1)
+        steps.append([t.clone() for t in (*module.parameters(), *module.buffers())])
+        if step == 2:  # from the second update on, any read of a tensor's value fails
+            for name in ("__bool__", "__int__", "__float__", "__index__", "item", "tolist"):
+                monkeypatch.setattr(torch.Tensor, name, lambda self, *a, name=name: pytest.fail(f"Tensor.{name}"))
+        cb.on_train_batch_end(SimpleNamespace(global_step=step), module, None, None, step - 1)
+    monkeypatch.undo()
+    assert cb._average_model.count == 6 and int(cb._average_model.n_averaged) == 6
+    for values in steps:  # torch's own update on the same values: the same average, bit for bit
+        with torch.no_grad():
+            for t, v in zip((*module.parameters(), *module.buffers()), values):
+                t.copy_(v)
+        reference.update_parameters(module)
+    for mine, theirs in zip(cb._average_model.state_dict().values(), reference.state_dict().values(), strict=True):
+        assert torch.equal(mine, theirs)
+    # a loaded state (a resume) brings its own count
+    cb._average_model.load_state_dict({**cb._average_model.state_dict(), "n_averaged": torch.tensor(40)})
+    assert cb._average_model.count == 40
