@@ -3,6 +3,7 @@ strategy, a device) and runs the real code behind it (issue 29)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -149,3 +150,24 @@ def test_an_ema_update_reads_nothing_back_from_the_device(monkeypatch):
     # a loaded state (a resume) brings its own count
     cb._average_model.load_state_dict({**cb._average_model.state_dict(), "n_averaged": torch.tensor(40)})
     assert cb._average_model.count == 40
+
+
+# ----------------------------------------------------------------------- a time-critical preset
+def test_gpu_3min_writes_one_checkpoint_at_the_end_and_no_figure(synthetic_root, tmp_path, monkeypatch):
+    """experiment=gpu_3min, shrunk to the CPU (3 epochs of 2 batches): inside its budget, no best checkpoint per
+    epoch and no prediction grid; last.ckpt once at the end, and the test runs on the final weights."""
+    from helpers import compose_cfg, synthetic_overrides
+
+    from resnet_cifar.run import train
+    from resnet_cifar.training import checkpointing, prediction_grid
+
+    saves, figures = [], []
+    real_save = checkpointing.atomic_torch_save
+    monkeypatch.setattr(checkpointing, "atomic_torch_save", lambda obj, p: saves.append(p) or real_save(obj, p))
+    monkeypatch.setattr(prediction_grid, "log_figure", lambda *a: figures.append(a))
+    shrink = ["data.batch_size=16", "data.on_device=false", "trainer.max_epochs=3", "trainer.limit_train_batches=2"]
+    shrink += ["trainer.limit_val_batches=1", "trainer.limit_test_batches=1", "trainer.benchmark=false"]
+    cfg = compose_cfg(["experiment=gpu_3min", *synthetic_overrides(synthetic_root), *shrink], tmp_path)
+    metrics = train(cfg)
+    assert metrics["epochs"] == 3 and "test/acc" in metrics and metrics["best_ckpt"] == ""
+    assert [p.name for p in map(Path, saves)] == ["last.ckpt"] and figures == []
