@@ -74,6 +74,21 @@ class StepClock(pl.Callback):
             self.marks[batch_idx] = time.perf_counter()
 
 
+class ArmStopped(RuntimeError):
+    """An arm reached its deadline before its last timed step (``bench/gpu_check.py``'s time budget)."""
+
+
+class Deadline(pl.Callback):
+    """Stops training at the first batch end past ``deadline`` (``time.monotonic()``)."""
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object) -> None:
+        if time.monotonic() > self.deadline:
+            trainer.should_stop = True
+
+
 def _rates(marks: dict[int, float], start: float, warmup: int, steps: int, batch: int) -> dict[str, float]:
     return {
         "images_per_s": steps * batch / (marks[warmup + steps - 1] - marks[warmup - 1]),
@@ -81,10 +96,13 @@ def _rates(marks: dict[int, float], start: float, warmup: int, steps: int, batch
     }
 
 
-def train_py(cfg: DictConfig, warmup: int, steps: int, callbacks: dict | None = None) -> dict[str, float]:
+def train_py(
+    cfg: DictConfig, warmup: int, steps: int, callbacks: dict | None = None, deadline: float | None = None
+) -> dict[str, float]:
     """Images/s of ``resnet_cifar.run.train(cfg)`` over ``steps`` steps after ``warmup`` (>= 1) untimed ones.
 
     ``callbacks``: more callback configs (name -> ``_target_`` and arguments) for the run.
+    ``deadline``: ``time.monotonic()`` at which training stops (then :class:`ArmStopped`).
     """
     cfg = copy.deepcopy(cfg)
     with tempfile.TemporaryDirectory() as out, open_dict(cfg):
@@ -96,17 +114,23 @@ def train_py(cfg: DictConfig, warmup: int, steps: int, callbacks: dict | None = 
         cfg.callbacks["step_clock"] = {"_target_": f"{__name__}.StepClock", "warmup": warmup}
         for name, callback in (callbacks or {}).items():
             cfg.callbacks[name] = callback
+        if deadline is not None:
+            cfg.callbacks["deadline"] = {"_target_": f"{__name__}.Deadline", "deadline": deadline}
         train(cfg)
     clock = StepClock.last
+    if warmup + steps - 1 not in clock.marks:
+        raise ArmStopped(f"stopped at the deadline after {max(clock.marks, default=-1) + 1} of {warmup + steps} steps")
     return _rates(clock.marks, clock.start, warmup, steps, cfg.data.batch_size)
 
 
-def bare_loop(cfg: DictConfig, warmup: int, steps: int) -> dict[str, float]:
-    """The same model, optimizer, schedule, data, precision and memory format in a plain PyTorch loop."""
+def bare_loop(cfg: DictConfig, warmup: int, steps: int, deadline: float | None = None) -> dict[str, float]:
+    """The same model, optimizer, schedule, data, precision, memory format and ``trainer.benchmark`` (cudnn's
+    autotuner) in a plain PyTorch loop; stopped by :class:`ArmStopped` past ``deadline`` (``time.monotonic()``)."""
     precision, _ = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
     accelerator = str(cfg.trainer.accelerator)
     use_cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if use_cuda else "cpu")
+    torch.backends.cudnn.benchmark = bool(cfg.trainer.get("benchmark") or False)  # unset: off, as in a new process
     pl.seed_everything(cfg.seed, verbose=False)
     dm = build_datamodule(cfg.data)
     dm.setup("fit")
@@ -129,6 +153,8 @@ def bare_loop(cfg: DictConfig, warmup: int, steps: int) -> dict[str, float]:
     _sync(device)
     start = time.perf_counter()
     for i in range(warmup + steps):
+        if deadline is not None and time.monotonic() > deadline:
+            raise ArmStopped(f"stopped at the deadline after {i} of {warmup + steps} steps")
         images, labels, index = next(batches)
         images, labels, index = (t.to(device, non_blocking=True) for t in (images, labels, index))
         x, y = dm.transform_batch((images, labels, index), train=True, epoch=0)

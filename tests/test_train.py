@@ -188,7 +188,6 @@ def _assert_one_line_error(proc, message: str) -> None:
         (["model=resnet99"], "Could not find 'model/resnet99'"),
         (["optimizer.lr=-1"], "error: optimizer.lr=-1: expected a number in (0, 10]"),
         (["data.download=false"], "error: CIFAR-10 not found"),
-        (["model=resnet18", "stage=finetune"], "error: cannot get the ImageNet weights resnet18."),
     ],
 )
 def test_cli_errors_are_one_line_without_traceback(overrides, message, tmp_path):
@@ -198,6 +197,32 @@ def test_cli_errors_are_one_line_without_traceback(overrides, message, tmp_path)
     proc = run_script("train.py", *env_overrides, *overrides, cwd=tmp_path)
     _assert_one_line_error(proc, message)
     assert proc.returncode in (1, 2)
+
+
+def test_finetune_offline_without_the_imagenet_file_names_the_file_and_where_to_put_it(tmp_path, monkeypatch):
+    """``model=resnet18 stage=finetune`` with an empty TORCH_HOME and no network (a proxy on a closed port,
+    so the test does not depend on the machine's network): one line with the URL and the cache path."""
+    import torchvision
+
+    torch_home, empty = tmp_path / "torch_home", tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+    for var in ("https_proxy", "HTTPS_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    for var in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    url = torchvision.models.ResNet18_Weights.DEFAULT.url
+    target = torch_home / "hub" / "checkpoints" / Path(url).name
+    run_dir = tmp_path / "run"
+    overrides = ["model=resnet18", "stage=finetune", f"data.root={empty}", f"hydra.run.dir={run_dir}"]
+    proc = run_script("train.py", *overrides, cwd=tmp_path)
+    _assert_one_line_error(proc, f"Download {url} and put it at {target} (under TORCH_HOME), or set model.weights_path")
+    assert proc.returncode == 2
+    assert [line for line in proc.stderr.splitlines() if line.startswith("error: ")] == [
+        next(line for line in proc.stderr.splitlines() if line.startswith("error: cannot get the ImageNet weights"))
+    ]
+    assert [p for p in torch_home.rglob("*") if p.is_file()] == []  # no partial download left in the cache
+    assert not (run_dir / "checkpoints").exists()
 
 
 def test_resume_from_a_file_that_is_not_a_checkpoint(tmp_path, synthetic_root):

@@ -14,6 +14,7 @@ Every batch leaves the DataModule as ``(images, labels)`` with normalised float 
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -105,7 +106,8 @@ class CIFAR10DataModule(pl.LightningDataModule):
         batch_size, eval_batch_size: images per batch for training and for val/test.
         loader: ``"tensor"`` or ``"torchvision"`` (see the module docstring).
         num_workers: DataLoader workers (torchvision loader only; the tensor loader needs none).
-        pin_memory: pin host batches for asynchronous copies; None: when a CUDA device trains on host data.
+        pin_memory: pin host batches for asynchronous copies; None: when a CUDA device trains on host data
+            (never a split on the device).
         on_device: keep the uint8 split on the training device (tensor loader); None: on a CUDA device.
         mean, std: normalisation statistics.
         image_size: side of the images fed to the model (resized when not 32).
@@ -254,7 +256,10 @@ class CIFAR10DataModule(pl.LightningDataModule):
         from torchvision.transforms import v2
 
         a = self.augment_cfg
-        finish = [self.augmenter.preprocess]  # the same resize and normalisation as the tensor loader
+        # The same resize and normalisation as the tensor loader, in a copy of their own on the CPU: the
+        # augmenter's follows the batches it is given to the GPU (the prediction grid's transform_batch), and
+        # DataLoader workers forked after that would inherit its CUDA buffers.
+        finish = [copy.deepcopy(self.augmenter.preprocess).cpu()]
         train = []
         if a["crop_padding"]:
             train.append(v2.RandomCrop(32, padding=a["crop_padding"], padding_mode=a["padding_mode"]))
@@ -304,11 +309,16 @@ class CIFAR10DataModule(pl.LightningDataModule):
         )
 
     def _pin(self) -> bool:
-        """``data.pin_memory``; null: pin host batches bound for a CUDA device (asynchronous copies)."""
+        """``data.pin_memory``; null: pin host batches bound for a CUDA device (asynchronous copies).
+
+        Never a split that is already on the device (``data.on_device``): the DataLoader would pin its
+        CUDA batches and fail ("cannot pin 'torch.cuda.ByteTensor'"), whatever ``data.pin_memory`` says.
+        """
+        if self.splits["train"].images.device.type != "cpu":
+            return False
         if self.hparams.pin_memory is not None:
             return bool(self.hparams.pin_memory)
-        on_cuda = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
-        return on_cuda and self.splits["train"].images.device.type == "cpu"
+        return self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
 
     def train_dataloader(self) -> DataLoader:
         self._train_loader = self._loader("train")

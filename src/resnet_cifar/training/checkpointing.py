@@ -135,11 +135,13 @@ class LastCheckpoint(Checkpoint):
             return True
         if self.every_n_minutes is None:
             return False
+        due = time.monotonic() - self._last_save >= 60 * self.every_n_minutes
+        if trainer.world_size == 1:  # one process (trainer=ddp on one GPU too): nothing to agree on, no collective
+            return due
         # Under DDP the ranks must agree (saving is collective): rank 0's clock is broadcast, a collective
         # and a host sync, so it is read every CLOCK_EVERY steps only (a save comes that many steps late).
-        if trainer.world_size > 1 and trainer.global_step % CLOCK_EVERY:
+        if trainer.global_step % CLOCK_EVERY:
             return False
-        due = time.monotonic() - self._last_save >= 60 * self.every_n_minutes
         return bool(trainer.strategy.broadcast(due))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

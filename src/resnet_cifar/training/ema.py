@@ -25,6 +25,8 @@ What this subclass adds, each for a gap of Lightning 2.6's callback:
   is ``min(decay, (1 + n) / (10 + n))`` (``tf.train.ExponentialMovingAverage``'s ``num_updates``
   rule), so early validations are not dominated by the initial weights.
 - **Integer buffers** (batch norm's ``num_batches_tracked``) are copied, not averaged.
+- **No host sync per update**: :class:`EmaModel` keeps the update count in Python, where torch's
+  ``AveragedModel`` reads it back from the device several times per update.
 - **Before the first update** (``update_starting_at_step``) the parent's average is the initial
   weights, so validations, checkpoints and a test after a short run would see an untrained
   network. Here the average follows the training weights until it starts.
@@ -38,6 +40,8 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import WeightAveraging
 from pytorch_lightning.trainer.states import TrainerFn
+from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 from resnet_cifar.errors import ConfigError
 
@@ -45,7 +49,7 @@ from resnet_cifar.errors import ConfigError
 class EmaUpdate:
     """``AveragedModel``'s ``multi_avg_fn``: ``ema <- lerp(ema, current, 1 - decay_n)`` on every float tensor.
 
-    ``AveragedModel`` copies the weights at its first update (``n_averaged == 0``) and calls this
+    :class:`EmaModel` copies the weights at its first update (``n_averaged == 0``) and calls this
     from the second on, with ``n_averaged`` >= 1 updates already in the average.
     """
 
@@ -57,13 +61,59 @@ class EmaUpdate:
         return min(self.decay, (1 + n_averaged) / (10 + n_averaged)) if self.warmup else self.decay
 
     @torch.no_grad()
-    def __call__(self, ema: list[torch.Tensor], current: list[torch.Tensor], n_averaged: torch.Tensor | int) -> None:
-        # int(): one host sync per update on a GPU; AveragedModel already makes one (n_averaged == 0)
-        weight = 1.0 - self.decay_at(int(n_averaged))
+    def __call__(self, ema: list[torch.Tensor], current: list[torch.Tensor], n_averaged: int) -> None:
+        weight = 1.0 - self.decay_at(int(n_averaged))  # a Python int from EmaModel: no host sync
         if torch.is_floating_point(ema[0]):  # the tensors arrive grouped by device and dtype
             torch._foreach_lerp_(ema, current, weight)
         else:
             torch._foreach_copy_(ema, current)
+
+
+class EmaModel(AveragedModel):
+    """torch's ``AveragedModel`` with its update count kept in Python too (``count``), read back once.
+
+    ``AveragedModel.update_parameters`` reads its ``n_averaged`` buffer on the host at every update
+    (``bool(n_averaged == 0)``, ``n_averaged > 0``) and hands it to ``multi_avg_fn`` as a tensor, which
+    :class:`EmaUpdate` needs as a number, once per dtype group: ~4 host syncs per EMA update on a GPU.
+    Here the buffer is read once (at the first update, and after a ``load_state_dict``) and only
+    incremented on the device after that; the update is torch's otherwise (copy, then
+    ``multi_avg_fn`` per device and dtype group), so checkpoints and resumes are unchanged.
+    """
+
+    def __init__(self, model: nn.Module, device: torch.device | int | None, ema: EmaUpdate) -> None:
+        super().__init__(model, device=device, multi_avg_fn=ema, use_buffers=True)
+        self._count: int | None = None
+
+    @property
+    def count(self) -> int:
+        """Updates in the average (``n_averaged``)."""
+        if self._count is None:
+            self._count = int(self.n_averaged)
+        return self._count
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        self._count = None  # n_averaged comes from the state: read it again
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    @torch.no_grad()
+    def update_parameters(self, model: nn.Module) -> None:
+        averaged = [t.detach() for t in (*self.module.parameters(), *self.module.buffers())]
+        current = [t.detach() for t in (*model.parameters(), *model.buffers())]
+        current = [c.to(a.device) for a, c in zip(averaged, current, strict=True)]
+        n = self.count
+        if n == 0:
+            for a, c in zip(averaged, current):
+                a.copy_(c)
+        else:
+            groups: dict[tuple[torch.device, torch.dtype], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+            for a, c in zip(averaged, current):
+                group = groups.setdefault((a.device, a.dtype), ([], []))
+                group[0].append(a)
+                group[1].append(c)
+            for group_averaged, group_current in groups.values():
+                self.multi_avg_fn(group_averaged, group_current, n)
+        self.n_averaged += 1
+        self._count = n + 1
 
 
 class EMAWeights(WeightAveraging):
@@ -96,7 +146,8 @@ class EMAWeights(WeightAveraging):
             raise ConfigError(
                 f"callbacks.ema.update_starting_at_step={update_starting_at_step!r}: expected >= 0 or null"
             )
-        super().__init__(device=device, use_buffers=True, multi_avg_fn=EmaUpdate(decay, warmup))
+        super().__init__(device=device, use_buffers=True)
+        self.ema = EmaUpdate(decay, warmup)
         self.update_every_n_steps = update_every_n_steps
         self.update_starting_at_step = update_starting_at_step or 0
         self._swapped_at_end = False
@@ -109,13 +160,15 @@ class EMAWeights(WeightAveraging):
         )
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
+        # The parent's setup builds a plain AveragedModel here (after configure_model, which ImageClassifier
+        # does not override); this one builds an EmaModel, which counts its updates without host syncs.
         if stage == "fit":
+            self._average_model = EmaModel(pl_module, self._device or pl_module.device, self.ema)
             self._swapped_at_end = False
 
     def _follow_until_started(self, pl_module: pl.LightningModule) -> None:
         """Before the first update, make the average the training weights (the first update copies anyway)."""
-        if self._average_model is not None and int(self._average_model.n_averaged) == 0:
+        if self._average_model is not None and self._average_model.count == 0:
             self._copy_current_to_average(pl_module)
 
     def _copy_current_to_average(self, pl_module: pl.LightningModule) -> None:

@@ -266,6 +266,7 @@ class ImageClassifier(pl.LightningModule):
             include_backbone=self.schedule.backbone_in_optimizer,
             world_size=self.trainer.world_size,
             lr_scaling=self.hparams.get("lr_scaling", "none"),
+            clipping=(self.trainer.gradient_clip_val or 0) > 0,
         )
         sched_cfg = dict(self.hparams.scheduler)
         by_time = sched_cfg.get("progress", "steps") == "time"

@@ -92,6 +92,22 @@ def param_groups(
     return groups
 
 
+def fused_kwargs(params: Sequence[torch.Tensor], clipping: bool) -> dict[str, bool]:
+    """``fused`` or ``foreach`` for torch's SGD and AdamW over ``params``.
+
+    On CUDA, fused kernels: one launch for all parameters, and under 16-mixed GradScaler hands them
+    its inf check instead of calling ``found_inf.item()`` (a host sync) at every step. But a fused
+    optimizer unscales its gradients inside ``step()``, so they would still be scaled when clipped,
+    and Lightning's mixed-precision plugin (``MixedPrecision.clip_gradients``, under bf16-mixed too)
+    raises at the first step for any such optimizer when ``trainer.gradient_clip_val > 0``. So with
+    clipping, ``foreach`` (GradScaler unscales before the clip; under 16-mixed one ``found_inf`` sync
+    per step). Elsewhere torch's default.
+    """
+    if not params or not all(p.is_cuda for p in params):
+        return {}
+    return {"foreach": True} if clipping else {"fused": True}
+
+
 def build_optimizer(
     cfg: dict[str, Any],
     model: nn.Module,
@@ -99,8 +115,12 @@ def build_optimizer(
     include_backbone: bool = True,
     world_size: int = 1,
     lr_scaling: str = "none",
+    clipping: bool = False,
 ) -> torch.optim.Optimizer:
-    """The optimizer over :func:`param_groups` of ``model``, with the LRs assembled as the module docstring says."""
+    """The optimizer over :func:`param_groups` of ``model``, with the LRs assembled as the module docstring says.
+
+    ``clipping``: the Trainer clips gradients (``trainer.gradient_clip_val > 0``): see :func:`fused_kwargs`.
+    """
     lr = cfg["lr"] * lr_scale(lr_scaling, world_size)
     muon = cfg["name"] == "muon"
     groups = param_groups(
@@ -114,7 +134,7 @@ def build_optimizer(
         # Muon's LR is not scaled with the number of processes: its update has a fixed size per step
         muon={"lr": cfg["muon_lr"], "weight_decay": cfg["muon_weight_decay"]} if muon else None,
     )
-    if muon:
+    if muon:  # never fused: its SGD part steps through torch's functional SGD, on any device
         return MuonSGD(
             groups,
             lr=lr,
@@ -125,10 +145,7 @@ def build_optimizer(
             ns_steps=cfg["muon_ns_steps"],
             normalize=cfg["muon_normalize"],
         )
-    # On CUDA, fused kernels: one launch for all parameters, and under 16-mixed GradScaler hands them its
-    # inf check instead of calling found_inf.item() (a host sync) at every step. Elsewhere torch's default.
-    params = [p for g in groups for p in g["params"]]
-    fused = {"fused": True} if params and all(p.is_cuda for p in params) else {}
+    fused = fused_kwargs([p for g in groups for p in g["params"]], clipping)
     if cfg["name"] == "sgd":
         momentum, nesterov = cfg.get("momentum", 0.9), cfg.get("nesterov", False)
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov, **fused)
