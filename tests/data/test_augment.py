@@ -266,14 +266,19 @@ def test_preprocess_is_one_resize_and_normalisation_for_uint8_and_float_inputs()
         torch.testing.assert_close(x, ref, atol=1e-4, rtol=0)
 
 
-def test_torchvision_training_batches_are_windows_of_the_padded_images(synthetic_root):
-    """Same augmentation family on both loaders: the per-sample pipeline also crops and flips."""
-    dm = _dm(synthetic_root, loader="torchvision", batch_size=20)
+@pytest.mark.parametrize("mode", ["zeros", "reflect"])
+def test_torchvision_training_batches_are_windows_of_the_padded_images(synthetic_root, mode):
+    """Same augmentation family on both loaders: the per-sample pipeline also crops (of the image padded with
+    black or mirrored, data.augment.padding_mode) and flips."""
+    dm = _dm(synthetic_root, loader="torchvision", batch_size=20, augment={"padding_mode": mode})
     x, _, index = next(iter(dm.train_dataloader()))
     raw = dm.augmenter.normalize(dm.splits["train"].images[index])
     black = dm.augmenter.normalize(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))[:, :, :1, :1]
     for img, r in zip(x, raw):
-        padded = (F.pad(r - black[0], (PAD,) * 4) + black[0]).unsqueeze(0)  # pad with black, not 0
+        if mode == "reflect":
+            padded = F.pad(r.unsqueeze(0), (PAD,) * 4, mode="reflect")
+        else:
+            padded = (F.pad(r - black[0], (PAD,) * 4) + black[0]).unsqueeze(0)  # pad with black, not 0
         wins = [padded[0, :, dy : dy + 32, dx : dx + 32] for dy in range(2 * PAD + 1) for dx in range(2 * PAD + 1)]
         assert any(torch.allclose(img, w, atol=1e-5) or torch.allclose(img, w.flip(-1), atol=1e-5) for w in wins)
 

@@ -262,7 +262,8 @@ class CIFAR10DataModule(pl.LightningDataModule):
         finish = [copy.deepcopy(self.augmenter.preprocess).cpu()]
         train = []
         if a["crop_padding"]:
-            train.append(v2.RandomCrop(32, padding=a["crop_padding"], padding_mode=a["padding_mode"]))
+            mode = {"zeros": "constant"}.get(a["padding_mode"], a["padding_mode"])  # torchvision's name of zeros
+            train.append(v2.RandomCrop(32, padding=a["crop_padding"], padding_mode=mode))
         if a["flip"]:
             train.append(v2.RandomHorizontalFlip())
         if a["autoaugment"]:
