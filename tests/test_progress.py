@@ -240,12 +240,14 @@ def test_sweep_report_prints_a_status_line_after_each_job(tmp_path, capsys, monk
 
 
 def test_sweep_summary_command_says_where_the_sweep_stands(tmp_path, capsys, monkeypatch):
-    # the command expands a glob with the package's configs: 2 cpu_* presets x 2 seeds
+    # the command expands a glob with the package's configs: every cpu_* preset x 2 seeds
+    presets = len(list((Path(__file__).parents[1] / "conf" / "experiment").glob("cpu_*.yaml")))
+    assert presets >= 2
     sweep = sweep_dir(tmp_path, ["completed", "terminated", None], ["experiment=glob(cpu_*)", "seed=1,2"])
     monkeypatch.setenv(ENV, "1")
     assert sweeps.main([str(sweep)]) == 0
     out = capsys.readouterr()
-    assert out.err == "sweep: 2/4 done, 1 failed, 1 running or killed\n" and "| job | status |" in out.out
+    assert out.err == f"sweep: 2/{2 * presets} done, 1 failed, 1 running or killed\n" and "| job | status |" in out.out
     monkeypatch.setenv(ENV, "auto")
     assert sweeps.main([str(sweep)]) == 0
     assert capsys.readouterr().err == ""
