@@ -6,6 +6,8 @@ reports to its trial and asks the pruner there (:mod:`resnet_cifar.study`). Tria
 ``<sweep dir>/N``: a continued search, or several launches sharing the study, never reuse a
 directory. While its trials run, the sweeper records their heartbeats; a trial whose heartbeat
 stopped (its search was killed) is failed by the next launch, and another trial takes its place.
+A launch with nothing left to ask waits for the trials still running elsewhere, so that the study
+has its ``n_trials`` when it ends and its report covers them.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 import math
 import os
 import threading
+import time
 import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -25,6 +28,7 @@ import optuna
 from hydra.core.utils import JobReturn, JobStatus
 from optuna.trial import TrialState
 
+from resnet_cifar.errors import ConfigError
 from resnet_cifar.study import display_url, make_pruner, open_storage
 from resnet_cifar.sweeps.resume import record_study
 from resnet_cifar.sweeps.search import METRIC_ATTR, write_search_report
@@ -112,9 +116,19 @@ def job_overrides(trial: optuna.Trial, fixed: list[str], sweep_dir: Path) -> lis
     return [*task, f"hydra.sweep.subdir={trial.number}", f"hydra.sweeper.trial={trial.number}"]
 
 
+def check_settings(sweeper: Any) -> None:
+    """The sweeper's numbers and direction, said in one line before anything runs."""
+    for key in ("n_trials", "n_jobs", "heartbeat_interval"):
+        if getattr(sweeper, key) < 1:
+            raise ConfigError(f"hydra.sweeper.{key}={getattr(sweeper, key)} must be >= 1")
+    if sweeper.direction not in ("maximize", "minimize"):
+        raise ConfigError(f"hydra.sweeper.direction={sweeper.direction}: expected maximize or minimize")
+
+
 def search(sweeper: Any, arguments: list[str]) -> None:
     """Run trials until the study has ``n_trials`` that ended (over every launch), then write its report."""
     config = sweeper.config
+    check_settings(sweeper)
     pruner = make_pruner(sweeper.pruner)  # a bad pruner stops the search before its first trial
     params = [f"{k}={v}" for k, v in (sweeper.params or {}).items() if v is not None]  # null: not searched
     space, fixed = search_space([*params, *arguments])
@@ -140,21 +154,32 @@ def search(sweeper: Any, arguments: list[str]) -> None:
         study.study_name, display_url(sweeper.storage), type(study.sampler).__name__, type(pruner).__name__,
         ", ".join(f"{n} {s}" for s, n in sorted(earlier.items())) or "new", sweeper.n_trials,
     )  # fmt: skip
-    launched = 0
-    while True:
+    launched, waiting_said = 0, False
+    while launched < sweeper.n_trials:
         fail_stale_trials(study, grace_s)
-        states = Counter(t.state for t in study.get_trials(deepcopy=False))
-        ended, in_flight = sum(states[s] for s in ENDED), sum(states[s] for s in IN_FLIGHT)
-        to_go = min(sweeper.n_trials - ended - in_flight, sweeper.n_trials - launched)
+        now = study.get_trials(deepcopy=False)
+        ended = sum(t.state in ENDED for t in now)
+        in_flight = [t for t in now if t.state in IN_FLIGHT]
+        to_go = min(sweeper.n_trials - ended - len(in_flight), sweeper.n_trials - launched)
         if to_go <= 0:
-            break
+            # Trials asked by a sweeper (they have a job_dir) beat until they end; those of a killed
+            # search stop beating and are failed above, then others take their place here.
+            beating = [t.number for t in in_flight if "job_dir" in t.user_attrs]
+            if ended >= sweeper.n_trials or not beating:
+                break
+            if not waiting_said:
+                log.info("Waiting for trials %s, running in another launch or a killed search's (failed once "
+                         "their heartbeat is %d s old, then replaced)", beating, grace_s)  # fmt: skip
+                waiting_said = True
+            time.sleep(sweeper.heartbeat_interval)
+            continue
         with warnings.catch_warnings():  # the heartbeats are ours (heartbeats()), not Study.optimize's
             warnings.filterwarnings("ignore", message="Heartbeat of storage")
             trials = [study.ask(space) for _ in range(min(sweeper.n_jobs, to_go))]
-        overrides = [job_overrides(t, fixed, sweep_dir) for t in trials]
         ids = [storage.get_trial_id_from_study_id_trial_number(study_id, t.number) for t in trials]
         try:
-            with heartbeats(storage, ids, sweeper.heartbeat_interval):
+            with heartbeats(storage, ids, sweeper.heartbeat_interval):  # the first beat before the job_dir
+                overrides = [job_overrides(t, fixed, sweep_dir) for t in trials]
                 returns = sweeper.launcher.launch(overrides, initial_job_idx=trials[0].number)
         except BaseException:  # interrupted or the launcher failed: these trials will never be told
             for t in trials:
@@ -163,9 +188,4 @@ def search(sweeper: Any, arguments: list[str]) -> None:
         for trial, ret in zip(trials, returns):
             tell(study, trial, ret)
         launched += len(trials)
-    if in_flight:
-        log.info(
-            "%d trials of the study are still running: another launch's, or a killed search's (failed once their "
-            "heartbeat is %d s old; the same command then runs others in their place)", in_flight, grace_s,
-        )  # fmt: skip
     write_search_report(study, sweep_dir)
