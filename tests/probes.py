@@ -4,6 +4,7 @@
   parameters, so a test can check that the ranks stayed identical (gradients synchronised).
 - :class:`CrashAt`: raises a ``RuntimeError`` at a given training step (a job that crashes mid-run).
 - :class:`HoldAt`: stops one job of a multirun at a given step until the test kills the sweep.
+- :class:`LogScore`: logs a crafted metric per Optuna trial, so a test knows which trial lags.
 """
 
 from __future__ import annotations
@@ -54,3 +55,14 @@ class HoldAt(pl.Callback):
         if trainer.global_step == self.step and HydraConfig.get().job.num == self.job and not self.marker.exists():
             self.marker.write_text(str(trainer.global_step))
             time.sleep(600)
+
+
+class LogScore(pl.Callback):
+    """At every validation, log ``probe/score`` = ``scores[trial]``: a crafted metric for a search's
+    pruner (``trial``: the job's trial number, ``${hydra:sweeper.trial}``)."""
+
+    def __init__(self, scores: list[float], trial: int) -> None:
+        self.score = float(scores[trial])
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pl_module.log("probe/score", self.score)

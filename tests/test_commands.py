@@ -109,12 +109,50 @@ def test_installed_train_runs_from_an_empty_directory(installed, synthetic_root,
 
 
 def test_the_wheel_ships_every_module_and_config(wheel):
-    """pyproject.toml lists the packages (conf/ comes from outside src/): one left out fails here."""
-    package, conf = REPO / "src" / "resnet_cifar", REPO / "conf"
-    expected = {f"resnet_cifar/{p.relative_to(package).as_posix()}" for p in package.rglob("*.py")}
+    """pyproject.toml lists the packages (conf/ comes from outside src/): one left out fails here. The
+    sweeper plugin goes into the shared hydra_plugins namespace, without an __init__.py of its own there."""
+    src, conf = REPO / "src", REPO / "conf"
+    expected = {p.relative_to(src).as_posix() for p in src.glob("*/**/*.py")}
     expected |= {f"resnet_cifar/conf/{p.relative_to(conf).as_posix()}" for p in conf.rglob("*.yaml")}
-    shipped = {n for n in zipfile.ZipFile(wheel).namelist() if n.startswith("resnet_cifar/")}
+    shipped = {n for n in zipfile.ZipFile(wheel).namelist() if n.startswith(("resnet_cifar/", "hydra_plugins/"))}
     assert shipped == expected, (sorted(expected - shipped), sorted(shipped - expected))
+    assert "hydra_plugins/__init__.py" not in shipped
+    assert "hydra_plugins/resnet_cifar_optuna_sweeper/config.py" in shipped
+
+
+def test_an_editable_install_knows_the_search_sweeper(tmp_path):
+    """`pip install -e .`: setuptools (>= 64) serves the packages through an import hook, which Hydra 1.3's
+    plugin scan cannot list; the commands register the sweeper themselves (cli.register_sweeper_plugin)."""
+    checkout = tmp_path / "checkout"
+    for name in ("src", "conf"):
+        shutil.copytree(REPO / name, checkout / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, checkout / name)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    outer = [p for p in site.getsitepackages() if Path(p).is_dir()]
+    (Path(purelib) / "_outer_site_packages.pth").write_text("\n".join(outer) + "\n")
+    pip = [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "--no-build-isolation"]
+    proc = subprocess.run([*pip, "-e", str(checkout)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = _run_installed(venv / "bin", "resnet-cifar-train", "hparams_search=optuna", "--cfg", "hydra", cwd=empty)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    sweeper = yaml.safe_load(proc.stdout)["hydra"]["sweeper"]
+    assert sweeper["_target_"] == "hydra_plugins.resnet_cifar_optuna_sweeper.optuna_sweeper.OptunaSweeper"
+    check = (
+        "from hydra.core.plugins import Plugins; from hydra.plugins.sweeper import Sweeper; "
+        "from resnet_cifar import cli; cli.register_sweeper_plugin(); "
+        "print([c.__module__ for c in Plugins.instance().discover(Sweeper)], cli.__file__)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([str(python), "-c", check], cwd=empty, env=env, capture_output=True, text=True)
+    assert "hydra_plugins.resnet_cifar_optuna_sweeper.optuna_sweeper" in proc.stdout, proc.stderr[-2000:]
+    assert str(checkout / "src" / "resnet_cifar" / "cli.py") in proc.stdout  # the editable copy, not this checkout
 
 
 def test_the_installed_package_composes_every_config_group(installed, tmp_path):

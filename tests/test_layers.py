@@ -18,7 +18,7 @@ PACKAGE = REPO / "src" / "resnet_cifar"
 LAYERS: tuple[frozenset[str], ...] = (
     # what every layer uses: errors, file writes, progress bars, figures to the trackers, plain dicts
     frozenset({"resnet_cifar", "errors", "atomic", "progress", "trackers", "plain"}),
-    frozenset({"data", "models", "stages"}),  # the parts a run is built from
+    frozenset({"data", "models", "stages", "study"}),  # the parts a run is built from (a search's trial too)
     frozenset({"evaluation"}),  # metrics, figures and the report (used by the training module)
     frozenset({"training"}),  # the LightningModule, learning rates, checkpoints
     frozenset({"schema", "config"}),  # the config's checks (names come from the registries below)

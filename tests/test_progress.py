@@ -216,7 +216,7 @@ def test_planned_jobs_counts_the_grid_and_the_trials():
     basic = {"_target_": BASIC_SWEEPER, "params": {"seed": "1,2,3"}}
     assert sweeps.planned_jobs(config(basic, ["optimizer.lr=0.1,0.2", "model=resnet20"])) == 6
     assert sweeps.planned_jobs(config({**basic, "params": None}, ["optimizer.lr=0.1,0.2"])) == 2
-    optuna = {"_target_": "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper", "n_trials": 30}
+    optuna = {"_target_": "hydra_plugins.resnet_cifar_optuna_sweeper.optuna_sweeper.OptunaSweeper", "n_trials": 30}
     assert sweeps.planned_jobs(config(optuna, [])) == 30
     assert sweeps.planned_jobs(config({"_target_": "some.OtherSweeper"}, [])) is None
 
@@ -225,7 +225,7 @@ def test_sweep_report_prints_a_status_line_after_each_job(tmp_path, capsys, monk
     sweep = sweep_dir(tmp_path, ["completed", "failed", "completed"], ["optimizer.lr=0.1,0.2,0.3,0.4,0.5"])
     report = sweeps.SweepReport()
     report.on_multirun_start(OmegaConf.load(sweep / "multirun.yaml"))
-    monkeypatch.setattr(sweeps, "in_multirun", lambda: True)
+    monkeypatch.setattr(sweeps.report, "in_multirun", lambda: True)
     job_config = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}})
     monkeypatch.setenv(ENV, "1")
     report.on_job_end(job_config, job_return=None)

@@ -1,5 +1,5 @@
 """Sweeps: failing jobs do not stop the others, a killed sweep continues, cross-validation over folds,
-an Optuna search, the submitit launchers."""
+the submitit launchers (the Optuna search: test_search.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-import optuna
 import pytest
 import submitit
 import yaml
@@ -246,68 +245,16 @@ def test_a_job_directory_of_another_sweep_is_refused(tmp_path):
     with pytest.raises(sweeps.SweepConflict, match="holds another job .*optimizer.lr=0.1 seed=1.* than this sweep's"):
         sweeps.earlier_attempt(job, ["optimizer.lr=0.2", "seed=1"])
     assert sweeps.earlier_attempt(tmp_path / "sweep" / "1", ["optimizer.lr=0.2"]) is None  # a new job
-    # an Optuna search asks for new trials on every launch: it never continues a sweep directory
-    config = OmegaConf.create(
-        {"hydra": {"sweep": {"dir": str(tmp_path / "sweep")}, "sweeper": {"_target_": "x.OptunaSweeper"}}}
-    )
-    assert "an Optuna search continues through its storage" in sweeps.resume_conflict(config)
+    # an Optuna search continues its own study only (its trials add directories), never another sweep
+    sweeper = {"_target_": "x.OptunaSweeper", "study_name": "s", "storage": "sqlite:///${hydra.sweep.dir}/o.db"}
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path / "sweep")}, "sweeper": sweeper}})
+    assert "(not an Optuna search of this version), not this search's study 's'" in sweeps.resume_conflict(config)
+    sweeps.resume.record_study(tmp_path / "sweep", "s", f"sqlite:///{tmp_path / 'sweep'}/o.db")
+    assert sweeps.resume_conflict(config) is None
+    config.hydra.sweeper.study_name = "t"
+    assert "(the study 's' in sqlite:///" in sweeps.resume_conflict(config)
     config.hydra.sweep.dir = str(tmp_path / "new")
     assert sweeps.resume_conflict(config) is None
-
-
-def test_optuna_search_reports_best_trial(tmp_path, synthetic_root):
-    sweep, db = tmp_path / "sweep", tmp_path / "optuna.db"
-    r = run_train(
-        "hparams_search=optuna",
-        "hydra.sweeper.n_trials=3",
-        f"hydra.sweeper.storage=sqlite:///{db}",
-        f"hydra.sweep.dir={sweep}",
-        *synthetic_overrides(synthetic_root),
-        *TINY,
-        cwd=tmp_path,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    jobs = job_dirs(sweep)
-    assert len(jobs) == 3
-    val = {d.name: read(d / "metrics.json")["val/acc_best"] for d in jobs}
-    result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
-    assert result["best_value"] == pytest.approx(max(val.values()))
-    best_job = max(val, key=val.get)
-    best_overrides = read(sweep / best_job / "status.json")["overrides"]
-    for key, value in result["best_params"].items():
-        assert f"{key}={value}" in best_overrides
-    assert set(result["best_params"]) == {
-        "optimizer.lr",
-        "optimizer.weight_decay",
-        "label_smoothing",
-        "stage.backbone_lr_ratio",
-    }
-    assert 0.01 <= result["best_params"]["optimizer.lr"] <= 0.5
-    # The study lives in SQLite (SQLAlchemy < 2): 3 complete trials, resumable.
-    study = optuna.load_study(study_name="resnet_cifar", storage=f"sqlite:///{db}")
-    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 3
-
-
-def test_failed_trials_reach_optuna_as_the_worst_value(tmp_path, synthetic_root):
-    """Every trial crashes: each returns failed_objective() (-inf when maximising) to the sweeper,
-    Optuna records them as finished trials, the search runs to its end and the command exits 1."""
-    sweep, db = tmp_path / "sweep", tmp_path / "optuna.db"
-    r = run_train(
-        "hparams_search=optuna",
-        "hydra.sweeper.n_trials=2",
-        f"hydra.sweeper.storage=sqlite:///{db}",
-        f"hydra.sweep.dir={sweep}",
-        "+callbacks.crash._target_=probes.CrashAt",
-        "+callbacks.crash.step=1",
-        *synthetic_overrides(synthetic_root),
-        *TINY,
-        cwd=tmp_path,
-    )
-    assert r.returncode == 1 and "2 of 2 jobs failed" in r.stderr, r.stderr[-3000:]
-    study = optuna.load_study(study_name="resnet_cifar", storage=f"sqlite:///{db}")
-    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
-    assert [t.value for t in study.trials] == [-math.inf, -math.inf]
-    assert all(read(d / "status.json")["error_type"] == "RuntimeError" for d in job_dirs(sweep))
 
 
 def test_submitit_local_launcher_runs_jobs(tmp_path, synthetic_root):

@@ -34,6 +34,7 @@ from resnet_cifar.errors import UserError, require_extra
 from resnet_cifar.progress import show_progress
 from resnet_cifar.sweeps import (
     COMPLETED,
+    PRUNED,
     RUNNING,
     EarlierAttempt,
     SweepConflict,
@@ -55,19 +56,19 @@ EXIT_TERMINATED = 128 + 15  # the shell's status of a process ended by SIGTERM: 
 OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
 
 
-def _lightning_exception(module: str, name: str) -> type[BaseException] | None:
-    """The exception class ``module.name`` if Lightning is already imported, else None.
+def _loaded_exception(module: str, name: str) -> type[BaseException] | None:
+    """The exception class ``module.name`` if its module (Lightning's, Optuna's) is already imported, else None.
 
     Lightning is imported only when a task needs it (~6 s here): ``--help``, tab completion (run
     at every TAB) and a config error answer without it, and an exception raised before Lightning
-    was imported cannot be one of Lightning's.
+    was imported cannot be one of Lightning's (nor, before Optuna was, one of Optuna's).
     """
     loaded = sys.modules.get(module)
     return getattr(loaded, name, None) if loaded is not None else None
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    misconfiguration = _lightning_exception("lightning_fabric.utilities.exceptions", "MisconfigurationException")
+    misconfiguration = _loaded_exception("lightning_fabric.utilities.exceptions", "MisconfigurationException")
     return (UserError, OmegaConfBaseException, *([misconfiguration] if misconfiguration else []))
 
 
@@ -91,7 +92,8 @@ def run_task(
     Every outcome is written to the run directory's ``status.json`` (``running`` first, so that a
     job killed outright leaves its overrides; ``status``: more fields for every write). In a
     multirun, a user error or a crash is logged and recorded, and ``failed_value`` returned, so
-    the sweep goes on.
+    the sweep goes on. A trial that an Optuna search pruned is recorded ``pruned`` and its
+    ``optuna.TrialPruned`` raised on: Hydra hands it to the sweeper in the job's return.
     """
 
     def write(state: str, error: BaseException | None = None, message: str | None = None) -> None:
@@ -101,7 +103,7 @@ def run_task(
     try:
         result = task(*args)
     except SystemExit as exc:  # Lightning's SIGTERMException is a SystemExit
-        sigterm = _lightning_exception("pytorch_lightning.utilities.exceptions", "SIGTERMException")
+        sigterm = _loaded_exception("pytorch_lightning.utilities.exceptions", "SIGTERMException")
         if sigterm is None or not isinstance(exc, sigterm):
             raise
         # Lightning stopped at a batch end; LastCheckpoint has saved last.ckpt
@@ -109,6 +111,11 @@ def run_task(
         write("terminated", exc, "stopped by SIGTERM (signal 15); resumable with ckpt_path=last")
         sys.exit(EXIT_TERMINATED)
     except Exception as exc:
+        pruned = _loaded_exception("optuna.exceptions", "TrialPruned")
+        if pruned is not None and isinstance(exc, pruned):
+            log.info("Trial pruned %s", exc)
+            write_status(PRUNED, extra={**(status or {}), "pruned": str(exc)})
+            raise
         message = _user_error_message(exc)
         if message is None:  # a crash: keep its traceback
             write("failed", exc, f"{type(exc).__name__}: {exc}".strip().splitlines()[0])
@@ -131,8 +138,8 @@ DIR_KEYS = ("hydra.run.dir", "hydra.sweep.dir", "paths.log_dir")
 # Config choices that need an optional dependency group: (``group=`` for any option of the group, or
 # ``group=option``, also found in a list such as ``logger=[tensorboard,mlflow]``; modules; extra).
 EXTRAS = (
-    ("hparams_search=", ("optuna", "hydra_plugins.hydra_optuna_sweeper"), "search"),
-    ("hydra/sweeper=optuna", ("optuna", "hydra_plugins.hydra_optuna_sweeper"), "search"),
+    ("hparams_search=", ("optuna", "sqlalchemy"), "search"),
+    ("hydra/sweeper=optuna", ("optuna", "sqlalchemy"), "search"),
     ("hydra/launcher=", ("submitit", "hydra_plugins.hydra_submitit_launcher"), "cluster"),
     # mlflow-skinny's SQLite store (conf/logger/mlflow.yaml) runs on SQLAlchemy and Alembic
     ("logger=mlflow", ("mlflow", "sqlalchemy", "alembic"), "mlflow"),
@@ -202,6 +209,29 @@ def preflight(argv: Sequence[str]) -> str | None:
     return None
 
 
+SWEEPER_PLUGIN = "hydra_plugins.resnet_cifar_optuna_sweeper"
+
+
+def register_sweeper_plugin() -> None:
+    """Make sure Hydra knows the project's sweeper (``hydra/sweeper=optuna``), however the package was installed.
+
+    Hydra 1.3 finds plugins by listing the ``hydra_plugins`` namespace package, which an editable
+    install by setuptools >= 64 (PEP 660) exposes through an import hook that cannot be listed
+    (Hydra issues #2359 and #3252; entry-point discovery comes with Hydra 1.4). The modules still
+    import: when the scan missed the sweeper, register it by hand (its ``config`` module stores
+    ``hydra/sweeper/optuna`` as it is imported).
+    """
+    from hydra.core.plugins import Plugins
+    from hydra.plugins.sweeper import Sweeper
+
+    plugins = Plugins.instance()
+    if any(c.__module__.startswith(SWEEPER_PLUGIN + ".") for c in plugins.discover(Sweeper)):
+        return
+    from hydra_plugins.resnet_cifar_optuna_sweeper import config, optuna_sweeper  # noqa: F401
+
+    plugins.register(optuna_sweeper.OptunaSweeper)
+
+
 def continue_sweep_job(cfg: Any) -> tuple[EarlierAttempt | None, dict[str, Any]]:
     """Continue this multirun job from what an earlier run of the same sweep left in its directory.
 
@@ -255,6 +285,7 @@ def command(
         return run_task(task, cfg, failed_value=failed_objective(), status=status)
 
     def main() -> Any:
+        register_sweeper_plugin()
         message = None if any(a in ("-h", "--help", "--hydra-help") for a in sys.argv[1:]) else preflight(sys.argv[1:])
         if message:
             print(f"error: {message}", file=sys.stderr, flush=True)

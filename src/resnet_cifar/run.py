@@ -27,6 +27,7 @@ from resnet_cifar.sweeps import in_multirun
 from resnet_cifar.training.checkpointing import resolve_ckpt_path
 from resnet_cifar.training.module import ImageClassifier
 from resnet_cifar.training.precision import apply_auto_precision
+from resnet_cifar.training.pruning import TrialPruning
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,11 @@ def _floats(d: dict[str, Any]) -> dict[str, float]:
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Fit, test the best checkpoint, write ``metrics.json``; return the metrics."""
+    """Fit, test the best checkpoint, write ``metrics.json``; return the metrics.
+
+    A trial that an Optuna search's pruner stopped (:class:`TrialPruning`) is not tested: its
+    ``metrics.json`` holds what it reached, then its ``optuna.TrialPruned`` is raised.
+    """
     validate_train_config(cfg)
     out_dir = Path(cfg.paths.output_dir)
     callbacks = _instantiate_all(cfg.get("callbacks"))
@@ -153,7 +158,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             metrics["val/acc_best"] = float(score)
 
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        if cfg.get("test", True) and not trainer.interrupted:
+        pruned = next((c.pruned for c in callbacks if isinstance(c, TrialPruning) and c.pruned), None)
+        if cfg.get("test", True) and not trainer.interrupted and pruned is None:
             ckpt = best if best else None
             if ckpt is None:
                 log.warning("No best checkpoint was saved; testing the weights at the end of training")
@@ -172,6 +178,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         write_metrics(out_dir / "metrics.json", metrics)
         log.info("Metrics: %s", json.dumps(metrics, sort_keys=True))
+    if pruned is not None:
+        raise pruned
     return metrics
 
 
