@@ -131,6 +131,8 @@ BAD_CONFIGS = [
     (["scheduler.warmup_epochs=4", "trainer.max_epochs=3"], ["scheduler.warmup_epochs=4", "<= trainer.max_epochs=3"]),
     (["data.val_size=0"], ["data.val_size=0", "callbacks.model_checkpoint.monitor"]),
     (["seed=-1"], ["seed=-1"]),
+    (["trainer=ddp_cpu", "trainer.sync_batchnorm=true", "module.compile=true"],
+     ["module.compile=true with trainer.sync_batchnorm=true", "trainer.sync_batchnorm=false", "module.compile=false"]),
 ]  # fmt: skip
 
 
