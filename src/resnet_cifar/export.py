@@ -30,7 +30,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from resnet_cifar.data.preprocess import Preprocess
 from resnet_cifar.errors import ConfigError, DataError, UserError, WeightsError, require_extra
-from resnet_cifar.models.factory import Classifier, build_model
+from resnet_cifar.models.factory import Classifier, architecture, build_model
 from resnet_cifar.models.weights import safe_load
 from resnet_cifar.progress import progress_bar
 from resnet_cifar.training.module import ImageClassifier
@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 
 FORMATS = {"onnx": "model.onnx", "torch_export": "model.pt2", "safetensors": "model.safetensors"}
 METADATA_KEY = "resnet_cifar"
-MODEL_KEYS = ("name", "block", "shortcut", "cifar_stem", "dropout")
 
 
 class ExportCheckError(UserError):
@@ -61,7 +60,7 @@ class NormalizedClassifier(nn.Module):
 def metadata(module: ImageClassifier, preprocess: Preprocess) -> dict[str, Any]:
     hp = module.hparams
     return {
-        "model": {k: v for k, v in dict(hp.model).items() if k in MODEL_KEYS},
+        "model": architecture(dict(hp.model)),  # every option: ResNet-9's widths, activation, ... included
         "num_classes": int(hp.num_classes),
         "class_names": list(hp.class_names or []),
         **preprocess.settings(),
