@@ -71,4 +71,3 @@ def test_every_format_reproduces_the_checkpoints_model(name, synthetic_root, tmp
         again = build_model(weights_path=str(out / "model.safetensors"), **meta["model"]).eval()
         torch.testing.assert_close(again(x), ref, **tol)
     assert json.loads((out / "export.json").read_text())["model"] == meta["model"]
-
