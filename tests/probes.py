@@ -4,6 +4,7 @@
   parameters, so a test can check that the ranks stayed identical (gradients synchronised).
 - :class:`CrashAt`: raises a ``RuntimeError`` at a given training step (a job that crashes mid-run).
 - :class:`HoldAt`: stops one job of a multirun at a given step until the test kills the sweep.
+- :class:`PrecisionProbe`: records the Trainer's precision plugin and the dtype a training step computed in.
 """
 
 from __future__ import annotations
@@ -54,3 +55,27 @@ class HoldAt(pl.Callback):
         if trainer.global_step == self.step and HydraConfig.get().job.num == self.job and not self.marker.exists():
             self.marker.write_text(str(trainer.global_step))
             time.sleep(600)
+
+
+class PrecisionProbe(pl.Callback):
+    """Writes ``out`` (JSON) at the end of training: the Trainer's precision plugin (class and precision) and
+    the dtype of the head's output in the first training steps (bf16 under bf16 autocast, else fp32)."""
+
+    def __init__(self, out: str) -> None:
+        self.out = Path(out)
+        self.record: dict = {}
+        self.handle = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        plugin = trainer.precision_plugin
+        self.record = {"plugin": type(plugin).__name__, "precision": str(plugin.precision), "head_dtypes": []}
+
+        def hook(module, inputs, output) -> None:
+            if module.training and len(self.record["head_dtypes"]) < 3:
+                self.record["head_dtypes"].append(str(output.dtype))
+
+        self.handle = pl_module.model.head.register_forward_hook(hook)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.handle.remove()
+        self.out.write_text(json.dumps(self.record))
