@@ -5,6 +5,7 @@
 - :class:`CrashAt`: raises a ``RuntimeError`` at a given training step (a job that crashes mid-run).
 - :class:`HoldAt`: stops one job of a multirun at a given step until the test kills the sweep.
 - :class:`LogScore`: logs a crafted metric per Optuna trial, so a test knows which trial lags.
+- :class:`PrecisionProbe`: records the Trainer's precision plugin and the dtype a training step computed in.
 """
 
 from __future__ import annotations
@@ -66,3 +67,27 @@ class LogScore(pl.Callback):
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         pl_module.log("probe/score", self.score)
+
+
+class PrecisionProbe(pl.Callback):
+    """Writes ``out`` (JSON) at the end of training: the Trainer's precision plugin (class and precision) and
+    the dtype of the head's output in the first training steps (bf16 under bf16 autocast, else fp32)."""
+
+    def __init__(self, out: str) -> None:
+        self.out = Path(out)
+        self.record: dict = {}
+        self.handle = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        plugin = trainer.precision_plugin
+        self.record = {"plugin": type(plugin).__name__, "precision": str(plugin.precision), "head_dtypes": []}
+
+        def hook(module, inputs, output) -> None:
+            if module.training and len(self.record["head_dtypes"]) < 3:
+                self.record["head_dtypes"].append(str(output.dtype))
+
+        self.handle = pl_module.model.head.register_forward_hook(hook)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.handle.remove()
+        self.out.write_text(json.dumps(self.record))

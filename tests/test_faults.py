@@ -137,6 +137,8 @@ BAD_CONFIGS = [
     (["data.augment.padding_mode=edge"], ["data.augment.padding_mode='edge'", "zeros, reflect"]),
     (["optimizer=muon", "optimizer.muon_momentum=1"], ["optimizer.muon_momentum=1", "[0, 1)"]),
     (["module.tta_translate=9"], ["module.tta_translate=9", "[0, 8]"]),
+    (["trainer=ddp_cpu", "trainer.sync_batchnorm=true", "module.compile=true"],
+     ["module.compile=true with trainer.sync_batchnorm=true", "trainer.sync_batchnorm=false", "module.compile=false"]),
 ]  # fmt: skip
 
 

@@ -7,6 +7,8 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
 from helpers import compose_cfg, run_script, synthetic_overrides
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -17,6 +19,7 @@ from resnet_cifar.run import objective, train
 # Test accuracy a 2-epoch run on the synthetic set must reach: 3x chance (0.1), so a training path
 # that does not learn (or a test set unlike the training set) fails.
 LEARNED = 0.3
+STEPS_PER_EPOCH = 8  # 400 training images (500 less 100 for validation) in batches of 50
 
 
 @pytest.fixture(scope="module")
@@ -28,16 +31,40 @@ def trained_run(synthetic_root, tmp_path_factory) -> Path:
     return run_dir
 
 
-def test_train_writes_checkpoints_metrics_and_logs(trained_run):
+def test_train_writes_checkpoints_metrics_and_logs(trained_run, synthetic_root):
     metrics = json.loads((trained_run / "metrics.json").read_text())
     for key in ("train/loss", "val/acc", "val/acc_best", "test/acc", "test/loss"):
         assert key in metrics
     assert metrics["test/acc"] >= LEARNED  # the synthetic classes are learnable: chance is 0.1
     assert metrics["epochs"] == 2
-    assert (trained_run / "checkpoints" / "last.ckpt").is_file()
-    assert Path(metrics["best_ckpt"]).is_file()
-    assert (trained_run / ".hydra" / "config.yaml").is_file()
-    assert (trained_run / "train.log").is_file()
+    # last.ckpt: the end of training (2 epochs of 400 images / 50), resumable, with the precision it ran in
+    last = torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 2 * STEPS_PER_EPOCH and last["epoch"] == 1
+    assert last["resnet_cifar_precision"] == "32-true" and "optimizer_states" in last and "loops" in last
+    # the best checkpoint: named after its epoch and val/acc, which is the run's val/acc_best
+    best = Path(metrics["best_ckpt"])
+    assert best.parent == trained_run / "checkpoints"
+    epoch, acc = re.fullmatch(r"epoch(\d{3})-val_acc(\d\.\d{4})\.ckpt", best.name).groups()
+    assert float(acc) == pytest.approx(metrics["val/acc_best"], abs=5e-5)
+    assert torch.load(best, weights_only=True)["epoch"] == int(epoch)
+    # the config as composed from the command line
+    config = yaml.safe_load((trained_run / ".hydra" / "config.yaml").read_text())
+    assert config["data"]["root"] == str(synthetic_root) and config["trainer"]["max_epochs"] == 2
+    assert config["trainer"]["precision"] == "32-true" and config["model"]["name"] == "resnet20"
+    # the log: the data and precision the run used, and the closing summary
+    log = (trained_run / "train.log").read_text()
+    assert "CIFAR-10 from " in log and ": 400 train, 100 val, 100 test images, 10 classes" in log
+    assert "precision 32-true: set in the config" in log
+    # ... a summary a person reads, not the metrics JSON (per-class tables, bins: metrics.json keeps them)
+    summary = log[log.index("Summary:") :].splitlines()[1:]
+    assert len(summary) == 4 and all(len(line) < 200 for line in summary), summary
+    assert summary[0].strip() == (
+        f"test accuracy {metrics['test/acc']:.4f} without TTA (with flip TTA {metrics['test/top1_flip_tta']:.4f})"
+    )
+    assert summary[1].strip().startswith(f"calibrated ECE {metrics['test/ece_calibrated']:.4f}")
+    assert summary[2].strip() == f"best checkpoint {best} (val/acc_best {metrics['val/acc_best']:.4f})"
+    assert str(trained_run / "metrics.json") in summary[3] and str(trained_run / "report" / "report.md") in summary[3]
+    assert '"per_class"' not in log and '"reliability"' not in log
 
 
 def test_tensorboard_has_the_curves_and_hparams(trained_run):
@@ -59,9 +86,15 @@ def test_tensorboard_has_the_curves_and_hparams(trained_run):
     metrics = json.loads((trained_run / "metrics.json").read_text())
     assert metrics["val/acc_best"] == pytest.approx(max(val), abs=1e-6)
     assert metrics["val/acc"] == pytest.approx(val[-1], abs=1e-6)
-    assert (trained_run / "tensorboard" / "hparams.yaml").is_file() or any(
-        "hparams" in t for t in acc.Tags().get("tensors", [])
-    )
+    # the learning rate per step: the cosine schedule's one-epoch warm-up up to optimizer.lr, then its decay
+    head = [e.value for e in acc.Scalars("lr-SGD/head")]
+    assert len(head) == 2 * STEPS_PER_EPOCH and max(head) == pytest.approx(0.1, rel=1e-6)
+    assert head.index(max(head)) == STEPS_PER_EPOCH - 1 and head[-1] < head[STEPS_PER_EPOCH]
+    # the hyperparameters: the run's config flattened, the precision that ran, the model's size
+    hparams = yaml.safe_load((trained_run / "tensorboard" / "hparams.yaml").read_text())
+    assert hparams["optimizer.lr"] == 0.1 and hparams["model.name"] == "resnet20"
+    assert hparams["trainer.precision"] == "32-true" and hparams["trainer.max_epochs"] == 2
+    assert hparams["model/params_total"] == hparams["model/params_trainable"] == 269_722  # ResNet-20: 0.27M
 
 
 def test_eval_reports_the_same_test_accuracy(trained_run, synthetic_root, tmp_path):
@@ -127,11 +160,13 @@ def test_multirun_sweeps_the_learning_rate(synthetic_root, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = sorted(p for p in tmp_path.iterdir() if p.is_dir() and p.name.isdigit())
     assert [p.name for p in runs] == ["0", "1"]
-    lrs = []
-    for run in runs:
+    for run, lr in zip(runs, (0.2, 0.02)):
         assert "val/acc_best" in json.loads((run / "metrics.json").read_text())
-        lrs.append((run / ".hydra" / "overrides.yaml").read_text())
-    assert "optimizer.lr=0.2" in lrs[0] and "optimizer.lr=0.02" in lrs[1]
+        # the LR each job trained with (peak of the warm-up), not only the override Hydra recorded
+        acc = EventAccumulator(str(run / "tensorboard"))
+        acc.Reload()
+        head = [e.value for e in acc.Scalars("lr-SGD/head")]
+        assert len(head) == STEPS_PER_EPOCH and max(head) == pytest.approx(lr, rel=1e-6), (run.name, head)
 
 
 @pytest.mark.parametrize(

@@ -5,14 +5,16 @@ Three files, written to ``output_dir``:
 - ``model.onnx`` (ONNX, run with onnxruntime) and ``model.pt2`` (``torch.export``, load with
   ``torch.export.load(path).module()``): the *input contract* is float32 RGB images in
   ``[0, 1]``, shape ``(N, 3, 32, 32)`` with any batch size ``N``; the output is ``(N, C)``
-  logits (softmax for probabilities) in the order of ``class_names``. The normalisation of
+  logits in the order of ``class_names``; the probabilities are ``softmax(logits / temperature)``
+  with the checkpoint's fitted ``temperature`` (``export.json``; null: not calibrated, plain
+  softmax; :mod:`resnet_cifar.evaluation.calibration`). The normalisation of
   the training data (mean, std) and any upsampling to the trained ``image_size`` are inside
   the exported model. Flip TTA is not: average the logits of ``x`` and ``x.flip(-1)`` for it.
 - ``model.safetensors``: the plain ``state_dict`` of the classifier (``backbone.*``,
   ``head.*``), with the architecture and preprocessing in its metadata;
   :func:`load_safetensors_model` rebuilds it without Lightning. This file takes
   *normalised* images, like the training code.
-- ``export.json``: the contract above, class names, and the check results.
+- ``export.json``: the contract above, class names, the temperature, and the check results.
 
 Every export is checked against PyTorch on real test images (:func:`check_exports`).
 """
@@ -30,7 +32,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from resnet_cifar.data.preprocess import Preprocess
 from resnet_cifar.errors import ConfigError, DataError, UserError, WeightsError, require_extra
-from resnet_cifar.models.factory import Classifier, build_model
+from resnet_cifar.models.factory import Classifier, architecture, build_model
 from resnet_cifar.models.weights import safe_load
 from resnet_cifar.progress import progress_bar
 from resnet_cifar.training.module import ImageClassifier
@@ -39,7 +41,6 @@ log = logging.getLogger(__name__)
 
 FORMATS = {"onnx": "model.onnx", "torch_export": "model.pt2", "safetensors": "model.safetensors"}
 METADATA_KEY = "resnet_cifar"
-MODEL_KEYS = ("name", "block", "shortcut", "cifar_stem", "dropout")
 
 
 class ExportCheckError(UserError):
@@ -61,9 +62,12 @@ class NormalizedClassifier(nn.Module):
 def metadata(module: ImageClassifier, preprocess: Preprocess) -> dict[str, Any]:
     hp = module.hparams
     return {
-        "model": {k: v for k, v in dict(hp.model).items() if k in MODEL_KEYS},
+        "model": architecture(dict(hp.model)),  # every option: ResNet-9's widths, activation, ... included
         "num_classes": int(hp.num_classes),
         "class_names": list(hp.class_names or []),
+        # temperature scaling (evaluation/calibration.py): probabilities = softmax(logits / temperature); None:
+        # the checkpoint was not calibrated (plain softmax)
+        "temperature": module.temperature,
         **preprocess.settings(),
     }
 
@@ -236,7 +240,8 @@ def export(cfg: Any) -> dict[str, Any]:
             "safetensors": "state_dict of the classifier; feed (x - mean) / std of [0, 1] images",
             "name": "images",
         },
-        "output": "logits (N, num_classes) in the order of class_names; no flip TTA",
+        "output": "logits (N, num_classes) in the order of class_names; no flip TTA; "
+        "probabilities: softmax(logits / temperature) (temperature null: softmax(logits))",
         **meta,
         "checks": checks,
     }

@@ -64,14 +64,19 @@ class Predictor:
     def from_checkpoint(cls, path: str | Path, device: str = "cpu") -> Predictor:
         dev = resolve_device(device)
         module, data_hp = ImageClassifier.load_trained(path, map_location=dev)
+        if module.temperature is None:
+            log.warning("%s has no temperature: the probabilities are the raw softmax, not calibrated", path)
+        else:
+            log.info("probabilities calibrated with the checkpoint's temperature %.4f", module.temperature)
         names = list(module.hparams.get("class_names") or CLASSES)
         return cls(module, names, Preprocess.from_data_hparams(data_hp).to(dev), dev)
 
     @torch.inference_mode()
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
-        """Class probabilities of uint8 ``(N, 3, 32, 32)`` images (flip TTA if the model uses it)."""
+        """Class probabilities of uint8 ``(N, 3, 32, 32)`` images (flip TTA if the model uses it), temperature-scaled
+        when the checkpoint holds a temperature."""
         x = self.preprocess(images.to(self.device))
-        return self.module.predict_logits(x).float().softmax(-1).cpu()
+        return self.module.probabilities(self.module.predict_logits(x)).cpu()
 
 
 def list_inputs(inputs: str | Path) -> list[Path]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -18,13 +17,14 @@ from resnet_cifar.atomic import write_json
 from resnet_cifar.config import validate_train_config
 from resnet_cifar.data.datamodule import CIFAR10DataModule
 from resnet_cifar.errors import ConfigError, WeightsError
+from resnet_cifar.evaluation.calibration import TEMPERATURE_KEY, TemperatureScaling
 from resnet_cifar.evaluation.report import save_report
 from resnet_cifar.models.weights import safe_load
 from resnet_cifar.plain import to_dict
 from resnet_cifar.progress import trainer_progress
 from resnet_cifar.schema import DataSchema, check_against
 from resnet_cifar.sweeps import in_multirun
-from resnet_cifar.training.checkpointing import resolve_ckpt_path
+from resnet_cifar.training.checkpointing import atomic_torch_save, resolve_ckpt_path
 from resnet_cifar.training.module import ImageClassifier
 from resnet_cifar.training.precision import apply_auto_precision
 from resnet_cifar.training.pruning import TrialPruning
@@ -113,6 +113,56 @@ def _floats(d: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in d.items()}
 
 
+def temperature_scaling(cfg: DictConfig, stored: float | None = None) -> TemperatureScaling | None:
+    """The calibration callback when the report is on with ``report.calibrate`` (the default), else None."""
+    report = cfg.get("report")
+    return TemperatureScaling(stored) if report and report.get("calibrate", True) else None
+
+
+def store_temperature(path: str | Path, temperature: float) -> None:
+    """Write the fitted temperature into the checkpoint it was fitted for (atomically: the file stays whole)."""
+    ckpt = safe_load(path, "ckpt_path")
+    ckpt[TEMPERATURE_KEY] = float(temperature)
+    atomic_torch_save(ckpt, path)
+
+
+def summary(metrics: dict[str, Any], out_dir: Path) -> list[str]:
+    """What a person reads at the end of the log; the whole record is ``metrics.json``."""
+    lines = []
+    report = metrics.get("report") or {}
+    if "test/acc" in metrics:
+        tta = report.get("tta", {})
+        if report.get("tta_flip"):
+            other = f" (without it {tta['top1_no_tta']:.4f})" if "top1_no_tta" in tta else ""
+            lines.append(f"test accuracy {metrics['test/acc']:.4f} with flip TTA{other}")
+        else:
+            other = f" (with flip TTA {tta['top1_flip_tta']:.4f})" if "top1_flip_tta" in tta else ""
+            lines.append(f"test accuracy {metrics['test/acc']:.4f} without TTA{other}")
+    if "test/ece" in metrics:
+        raw = f"ECE {metrics['test/ece']:.4f}, NLL {metrics['test/nll']:.4f}"
+        if "test/ece_calibrated" in metrics:
+            source = (report.get("calibration") or {}).get("source", "")
+            lines.append(
+                f"calibrated ECE {metrics['test/ece_calibrated']:.4f}, NLL {metrics['test/nll_calibrated']:.4f} "
+                f"(temperature {report['temperature']:.4f}, {source}; softmax before it: {raw})"
+            )
+        else:
+            why = (report.get("calibration") or {}).get("skipped", "report.calibrate=false")
+            lines.append(f"{raw}; not calibrated: {why}")
+    if metrics.get("best_ckpt"):
+        best = f" (val/acc_best {metrics['val/acc_best']:.4f})" if "val/acc_best" in metrics else ""
+        lines.append(f"best checkpoint {metrics['best_ckpt']}{best}")
+    files = [f"metrics {out_dir / 'metrics.json'}"]
+    if (out_dir / "report" / "report.md").is_file():
+        files.append(f"report {out_dir / 'report' / 'report.md'}")
+    lines.append("; ".join(files))
+    return lines
+
+
+def log_summary(metrics: dict[str, Any], out_dir: Path) -> None:
+    log.info("Summary:\n  %s", "\n  ".join(summary(metrics, out_dir)))
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit, test the best checkpoint, write ``metrics.json``; return the metrics.
 
@@ -138,6 +188,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if not loggers:  # nothing to log learning rates to (LearningRateMonitor would refuse to start)
         callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.LearningRateMonitor)]
     plugins = _instantiate_all(cfg.get("plugins"))
+    scaling = temperature_scaling(cfg)  # fits the temperature at the start of the test (evaluation/calibration.py)
+    if scaling is not None:
+        callbacks = [*callbacks, scaling]
     # Before the hyperparameters are logged: they show the precision that runs, not "auto".
     trainer, precision = build_trainer(cfg.trainer, callbacks, logger=loggers or False, plugins=plugins or None)
     failed = True
@@ -167,6 +220,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 module.enable_report(to_dict(cfg.report))
             results = trainer.test(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
             metrics.update(_floats(results[0]) if results else {})
+            if scaling is not None and scaling.temperature is not None and trainer.is_global_zero:
+                if ckpt:  # eval.py, predict.py and export.py read it from the checkpoint that was tested
+                    store_temperature(ckpt, scaling.temperature)
+                else:
+                    log.warning("No best checkpoint to store the temperature in: the fitted temperature is lost")
             if cfg.get("report") and trainer.is_global_zero:  # the tested weights: confusion matrix, ECE, figures
                 metrics.update(save_report(module, datamodule, trainer, out_dir / "report", to_dict(cfg.report)))
         failed = False
@@ -177,7 +235,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     metrics.update(precision)
     if trainer.is_global_zero:
         write_metrics(out_dir / "metrics.json", metrics)
-        log.info("Metrics: %s", json.dumps(metrics, sort_keys=True))
+        log_summary(metrics, out_dir)
     if pruned is not None:
         raise pruned
     return metrics
@@ -213,7 +271,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     # auto: the precision the checkpoint was trained and tested with, so that eval.py repeats its numbers
     trained = module.trained_precision
     auto = (trained, "as the checkpoint was trained and tested") if trained else None
-    trainer, precision = build_trainer(cfg.trainer, [], auto=auto, logger=False)
+    # a stored temperature is applied as it is (the training run's numbers); without one it is fitted here
+    scaling = temperature_scaling(cfg, module.temperature)
+    trainer, precision = build_trainer(cfg.trainer, [scaling] if scaling else [], auto=auto, logger=False)
     if cfg.get("report"):
         module.enable_report(to_dict(cfg.report))
     results = trainer.test(module, datamodule=datamodule)
@@ -224,5 +284,5 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         metrics.update(save_report(module, datamodule, trainer, out_dir / "report", to_dict(cfg.report), **report_kw))
     if trainer.is_global_zero:
         write_metrics(Path(cfg.paths.output_dir) / "metrics.json", metrics)
-        log.info("Metrics: %s", json.dumps(metrics, sort_keys=True))
+        log_summary(metrics, Path(cfg.paths.output_dir))
     return metrics

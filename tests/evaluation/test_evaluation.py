@@ -15,11 +15,13 @@ from PIL import Image
 from torch import nn
 
 from resnet_cifar.data.cifar10 import CLASSES, TEST_FILES, read_split
+from resnet_cifar.data.datamodule import CIFAR10DataModule
 from resnet_cifar.errors import UserError
+from resnet_cifar.evaluation.calibration import TEMPERATURE_KEY, fit_temperature, nll
 from resnet_cifar.evaluation.metrics import ReportMetrics
 from resnet_cifar.evaluation.report import most_confused
 from resnet_cifar.inference import Predictor, predict, to_model_input
-from resnet_cifar.run import train
+from resnet_cifar.run import evaluate, train
 from resnet_cifar.training.module import ImageClassifier
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -219,6 +221,72 @@ def test_eval_script_writes_report_with_flip_tta(run_dir, ckpt, synthetic_root, 
     assert "report/confusion_matrix" in tensorboard_tags(out)["images"]
 
 
+# ----------------------------------------------------------------------- calibration
+def split_logits(module: ImageClassifier, data_hp: dict, root: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's logits on a split, through a DataModule of its own (outside any Trainer)."""
+    dm = CIFAR10DataModule(**{**data_hp, "root": str(root), "download": False})
+    dm.setup("test")
+    ds = dm.splits[split]
+    images, labels = ds.images[ds.indices], ds.labels[ds.indices]
+    x, _ = dm.transform_batch((images, labels, ds.indices), train=False)
+    with torch.no_grad():
+        return module.predict_logits(x), labels
+
+
+def test_train_fits_the_temperature_on_the_validation_split_and_stores_it(run_dir, ckpt, synthetic_root):
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    report = metrics["report"]
+    t = report["temperature"]
+    assert report["calibration"]["source"] == "fitted on the validation split (100 images)"
+    assert torch.load(ckpt, weights_only=True)[TEMPERATURE_KEY] == t  # in the checkpoint that was tested
+    module, data_hp = ImageClassifier.load_trained(ckpt)
+    assert module.temperature == t
+    # the fit, repeated by hand on the validation logits, lands on the same temperature: the minimum of the NLL
+    val_logits, val_labels = split_logits(module, data_hp, synthetic_root, "val")
+    assert fit_temperature(val_logits, val_labels) == pytest.approx(t, rel=1e-4)
+    assert report["calibration"]["val_nll_calibrated"] == pytest.approx(nll(val_logits, val_labels, t), rel=1e-5)
+    assert nll(val_logits, val_labels, t) < min(nll(val_logits, val_labels, s) for s in (t * 1.1, t / 1.1, 1.0))
+    # the calibrated test numbers are those of softmax(test logits / T); accuracy comes from the logits alone
+    logits, labels = split_logits(module, data_hp, synthetic_root, "test")
+    assert metrics["test/nll_calibrated"] == pytest.approx(nll(logits, labels, t), rel=1e-5)
+    assert metrics["test/nll"] == pytest.approx(nll(logits, labels), rel=1e-5)
+    assert metrics["test/ece_calibrated"] != pytest.approx(metrics["test/ece"], abs=1e-3)
+    assert sum(report["reliability_calibrated"]["count"]) == 100
+    md = (run_dir / "report" / "report.md").read_text()
+    assert f"After temperature scaling (T = {t:.4f}" in md and f"{metrics['test/ece_calibrated']:.4f}" in md
+
+
+def test_eval_repeats_the_calibrated_numbers_and_calibration_changes_no_prediction(
+    run_dir, ckpt, synthetic_root, tmp_path
+):
+    trained = json.loads((run_dir / "metrics.json").read_text())
+    base = [f"ckpt_path={ckpt}", f"data.root={synthetic_root}", "report.loggers=false"]
+    on = evaluate(compose_cfg(base, tmp_path / "on", "eval"))
+    assert on["report"]["calibration"]["source"] == "stored in the checkpoint"  # not fitted again
+    for key in ("test/ece_calibrated", "test/nll_calibrated", "test/acc", "test/top5"):
+        assert on[key] == pytest.approx(trained[key], abs=1e-6), key
+    off = evaluate(compose_cfg([*base, "report.calibrate=false"], tmp_path / "off", "eval"))
+    assert "test/ece_calibrated" not in off and off["report"]["temperature"] is None
+    # accuracy, top-5, every decision: the same with and without the temperature
+    assert (off["test/acc"], off["test/top1"], off["test/top5"]) == (on["test/acc"], on["test/top1"], on["test/top5"])
+    assert off["report"]["confusion_matrix"] == on["report"]["confusion_matrix"]
+    assert off["test/ece"] == on["test/ece"] and off["test/nll"] == on["test/nll"]  # the raw softmax's numbers
+    assert "Not calibrated: report.calibrate=false" in (tmp_path / "off" / "report" / "report.md").read_text()
+
+
+def test_a_run_without_a_validation_split_says_why_it_is_not_calibrated(synthetic_root, tmp_path, caplog):
+    overrides = [*synthetic_overrides(synthetic_root), "trainer.max_epochs=1", "data.val_size=0"]
+    overrides += ["~callbacks.model_checkpoint", "logger=none", "scheduler.warmup_epochs=0"]
+    with caplog.at_level("INFO", logger="resnet_cifar"):
+        metrics = train(compose_cfg(overrides, tmp_path))
+    reason = "no validation split to fit the temperature on (data.val_size=0)"
+    assert metrics["report"]["calibration"] == {"skipped": reason} and metrics["report"]["temperature"] is None
+    assert "test/ece_calibrated" not in metrics and "test/ece" in metrics
+    assert f"temperature scaling skipped: {reason}" in caplog.text
+    assert f"not calibrated: {reason}" in caplog.text  # the closing summary
+    assert not any(TEMPERATURE_KEY in torch.load(p, weights_only=True) for p in tmp_path.rglob("*.ckpt"))
+
+
 # --------------------------------------------------------------------------- predict
 def test_predict_on_png_files_equals_prediction_on_the_tensor(ckpt, synthetic_root, tmp_path):
     images, labels, x = normalised_test_images(synthetic_root)
@@ -234,14 +302,19 @@ def test_predict_on_png_files_equals_prediction_on_the_tensor(ckpt, synthetic_ro
     assert sorted(Path(f).name for f, _ in result.skipped) == ["notes.txt", "truncated.png"]
     assert len(result.predictions) == 6
     module = ImageClassifier.load_trained(ckpt)[0]
+    temperature = torch.load(ckpt, weights_only=True)[TEMPERATURE_KEY]  # fitted after training, stored there
+    assert module.temperature == temperature and abs(temperature - 1) > 0.05
     with torch.no_grad():
-        probs = module.model(x[:6]).softmax(-1)
+        logits = module.model(x[:6])
+    probs = (logits / temperature).softmax(-1)  # the calibrated probabilities ...
     by_name = {Path(p.file).name: p for p in result.predictions}
     for i in range(6):
         p = by_name[f"img{i}.png"]
         top_p, top_i = probs[i].topk(3)
+        assert top_i.tolist() == logits[i].topk(3).indices.tolist()  # ... of the same classes, in the same order
         assert p.classes == [CLASSES[j] for j in top_i.tolist()]
         assert p.probabilities == pytest.approx(top_p.tolist(), abs=1e-5)
+        assert p.probabilities != pytest.approx(logits[i].softmax(-1).topk(3).values.tolist(), abs=1e-3)
     doc = json.loads(out.read_text())
     assert len(doc["predictions"]) == 6 and len(doc["skipped"]) == 2
 
@@ -320,7 +393,10 @@ def test_export_matches_pytorch(ckpt, synthetic_root, tmp_path):
     summary = export(cfg)
     assert set(summary["checks"]) == {"pytorch_wrapper", "onnx", "torch_export", "safetensors"}
     assert all(c["max_abs_diff"] <= 1e-3 and c["argmax_agreement"] == 1.0 for c in summary["checks"].values())
-    assert json.loads((tmp_path / "export.json").read_text())["class_names"] == list(CLASSES)
+    written = json.loads((tmp_path / "export.json").read_text())
+    assert written["class_names"] == list(CLASSES)
+    # the sidecar carries the checkpoint's temperature: probabilities = softmax(logits / temperature)
+    assert written["temperature"] == torch.load(ckpt, weights_only=True)[TEMPERATURE_KEY]
 
     # independently of export's own check: [0, 1] images in, the module's logits out
     images, _, x = normalised_test_images(synthetic_root)
@@ -338,6 +414,7 @@ def test_export_matches_pytorch(ckpt, synthetic_root, tmp_path):
     # safetensors: plain PyTorch, no Lightning; also through model.weights_path
     model, meta = load_safetensors_model(tmp_path / "model.safetensors")
     assert meta["model"]["name"] == "resnet20" and meta["mean"] == pytest.approx([0.4914, 0.4822, 0.4465])
+    assert meta["temperature"] == written["temperature"]
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref)
         again = build_model("resnet20", weights_path=str(tmp_path / "model.safetensors")).eval()

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import pytorch_lightning as pl
 import torch
+from helpers import compose_cfg
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -12,6 +15,7 @@ from resnet_cifar.data.datamodule import CIFAR10DataModule
 from resnet_cifar.errors import ConfigError
 from resnet_cifar.models import build_model
 from resnet_cifar.models.resnet9 import ResNet9
+from resnet_cifar.plain import to_dict
 from resnet_cifar.training.module import ImageClassifier
 from resnet_cifar.training.optim import build_optimizer
 
@@ -48,11 +52,16 @@ def test_parameters_and_flops_match_the_hand_count(widths):
     assert counter.get_total_flops() == flops
 
 
-def test_standard_widths_are_pages_network():
-    """6,573,120 parameters in cifar10-fast (its classifier has no bias) and 0.76 GFLOP per image."""
-    params, flops = hand_counts([64, 128, 256, 512])
-    assert params - 10 == 6_573_120
-    assert flops / 1e9 == pytest.approx(0.7585, abs=1e-4)
+def test_the_default_model_is_pages_network():
+    """model=resnet9 as shipped (conf/model/resnet9.yaml, ResNet9's defaults): cifar10-fast's 6,573,120
+    parameters (its classifier has no bias: our head adds 10) and 0.76 GFLOP per 32x32 image."""
+    cfg = to_dict(compose_cfg(["model=resnet9"], Path("unused")).model)
+    built = {k: v for k, v in cfg.items() if k not in ("weights_path", "load_head")}
+    for model in (build_model("resnet9").eval(), build_model(**built).eval()):
+        assert n_params(model) - 10 == 6_573_120
+        with FlopCounterMode(display=False) as counter:
+            model(torch.randn(1, 3, 32, 32))
+        assert counter.get_total_flops() / 1e9 == pytest.approx(0.7585, abs=1e-4)
 
 
 def test_shapes_features_and_larger_inputs():

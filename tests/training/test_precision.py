@@ -1,9 +1,11 @@
-"""``trainer.precision: auto``: the detection (mocked both ways), the override, and where the choice is recorded."""
+"""``trainer.precision: auto``: the detection (mocked both ways, and unmocked on the machine the suite runs on),
+the override, where the choice is recorded, and eval.py repeating a bf16 run's numbers."""
 
 from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ from helpers import compose_cfg, synthetic_overrides
 
 from resnet_cifar.errors import ConfigError
 from resnet_cifar.plain import to_dict
-from resnet_cifar.run import train
+from resnet_cifar.run import evaluate, train
 from resnet_cifar.schema import check_schema
 from resnet_cifar.training import precision as prec
 
@@ -108,3 +110,52 @@ def test_the_run_records_the_precision_it_trained_with(
     # the loggers' hyperparameters carry the precision that ran, not "auto"
     hparams = yaml.safe_load(next(tmp_path.rglob("hparams.yaml")).read_text())
     assert hparams["trainer.precision"] == expected
+
+
+def cpuinfo_flags() -> set[str]:
+    """The CPU's flags as Linux lists them, read here without the code under test."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="reads Linux's /proc/cpuinfo")
+def test_auto_on_this_machine_unmocked(synthetic_root, tmp_path):
+    """Nothing patched: if torch's capability names or the code's keys drifted apart (cpu_flags swallows any
+    error), a bf16 CPU would quietly train in fp32. On the machine the suite runs on, auto is bf16-mixed exactly
+    when /proc/cpuinfo lists AMX-BF16 or AVX512-BF16, and train.py's Trainer then trains under bf16 autocast."""
+    bf16 = bool({"amx_bf16", "avx512_bf16"} & cpuinfo_flags())
+    expected = "bf16-mixed" if bf16 else "32-true"
+    assert prec.resolve_precision("auto", "cpu")[0] == expected
+    probe = tmp_path / "precision.json"
+    overrides = [*synthetic_overrides(synthetic_root, precision=None), "trainer.max_epochs=1"]
+    overrides += ["trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1"]
+    overrides += ["report=none", "logger=none", "scheduler.warmup_epochs=0"]
+    overrides += ["+callbacks.probe._target_=probes.PrecisionProbe", f"+callbacks.probe.out={probe}"]
+    metrics = train(compose_cfg(overrides, tmp_path))
+    assert metrics["precision"] == expected
+    seen = json.loads(probe.read_text())
+    assert seen["precision"] == expected
+    assert seen["plugin"] == ("MixedPrecision" if bf16 else "Precision")
+    assert seen["head_dtypes"] == ["torch.bfloat16" if bf16 else "torch.float32"] * 2  # the two training steps
+    for ckpt in (tmp_path / "checkpoints").glob("*.ckpt"):  # the best and last.ckpt: what eval.py's auto reads
+        assert torch.load(ckpt, weights_only=True)["resnet_cifar_precision"] == expected, ckpt.name
+
+
+def test_eval_auto_repeats_a_bf16_runs_test_numbers(monkeypatch, synthetic_root, tmp_path):
+    """A bf16-mixed checkpoint evaluated on a machine whose own auto is fp32 (mocked: a CPU without bf16 instructions):
+    eval.py's auto is the checkpoint's precision, so it repeats the training run's numbers, which fp32 would not."""
+    overrides = [*synthetic_overrides(synthetic_root, precision="bf16-mixed"), "trainer.max_epochs=1"]
+    trained = train(compose_cfg([*overrides, "logger=none", "module.tta_flip=true"], tmp_path / "run"))
+    assert trained["precision"] == "bf16-mixed"
+    _flags(monkeypatch, {"avx2"})  # this machine's auto would be 32-true
+    base = [f"ckpt_path={trained['best_ckpt']}", f"data.root={synthetic_root}", "report.loggers=false"]
+    evaluated = evaluate(compose_cfg(base, tmp_path / "eval", "eval"))
+    assert evaluated["precision"] == "bf16-mixed"
+    assert evaluated["precision_reason"] == "as the checkpoint was trained and tested"
+    for key in ("test/acc", "test/loss", "test/top5", "test/ece", "test/nll", "test/ece_calibrated"):
+        assert evaluated[key] == pytest.approx(trained[key], rel=1e-6, abs=1e-7), key
+    fp32 = evaluate(compose_cfg([*base, "trainer.precision=32-true"], tmp_path / "fp32", "eval"))
+    assert fp32["precision"] == "32-true"
+    assert fp32["test/loss"] != pytest.approx(trained["test/loss"], rel=1e-6)  # so the comparison above can fail

@@ -33,9 +33,9 @@ def weights_file(tmp_path_factory) -> Path:
     return path
 
 
-def overrides(root: Path, weights: Path) -> list[str]:
+def overrides(root: Path, weights: Path, precision: str = "32-true") -> list[str]:
     return [
-        *synthetic_overrides(root),
+        *synthetic_overrides(root, precision),
         f"trainer.max_epochs={EPOCHS}",
         "trainer.deterministic=true",
         "stage=finetune",
@@ -90,6 +90,24 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(synthetic_root, wei
     # the same command again: finds last.ckpt in the run directory and continues
     metrics = train(compose_cfg(args, out))
     assert metrics["epochs"] == EPOCHS
+    assert_same_run(out, reference)
+
+
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_under_bf16(synthetic_root, weights_file, tmp_path):
+    """bf16-mixed, the default on bf16 CPUs and on GPUs (auto): killed in the unfreeze epoch, resumed bit for bit."""
+    args = overrides(synthetic_root, weights_file, "bf16-mixed")
+    reference_out = tmp_path / "reference"
+    metrics = train(compose_cfg(args, reference_out))
+    assert metrics["precision"] == "bf16-mixed" and metrics["epochs"] == EPOCHS
+    reference = (comparable(metrics), final_state(reference_out))
+    out = tmp_path / "run"
+    step = STEPS_PER_EPOCH + random.Random(3).randrange(1, STEPS_PER_EPOCH - 1)
+    args = [*args, "ckpt_path=last"]
+    killed = run_train(out, *args, "+callbacks.kill._target_=resume_faults.KillAtStep", f"+callbacks.kill.step={step}")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    saved = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    assert STEPS_PER_EPOCH < saved["global_step"] <= step and saved["resnet_cifar_precision"] == "bf16-mixed"
+    train(compose_cfg(args, out))
     assert_same_run(out, reference)
 
 

@@ -27,7 +27,7 @@ from resnet_cifar.data import cifar10
 from resnet_cifar.data.augment import BatchAugment
 from resnet_cifar.data.loader import ResumableLoader
 from resnet_cifar.data.mixing import BatchMix
-from resnet_cifar.data.sharding import eval_sampler
+from resnet_cifar.data.sharding import eval_sampler, train_sampler
 from resnet_cifar.data.splits import per_class_budget, select_classes, stratified_kfold, stratified_split
 
 log = logging.getLogger(__name__)
@@ -285,10 +285,14 @@ class CIFAR10DataModule(pl.LightningDataModule):
         ds = self.splits[split]
         train = split == "train"
         batch_size = hp.batch_size if train else hp.eval_batch_size
-        # Training: Lightning shards EpochShuffle per rank (DistributedSamplerWrapper, set_epoch forwarded);
-        # the resumable loader restarts mid-epoch at the right batch. Evaluation: an un-padded shard per
-        # rank, so multi-process metrics equal single-process ones.
-        sampler = EpochShuffle(len(ds), hp.seed) if train else eval_sampler(ds, self.trainer)
+        # Training: EpochShuffle, dealt out to the ranks in turn under DDP (set_epoch forwarded), so N processes
+        # train on the single-process batches of N * batch_size; the resumable loader restarts mid-epoch at
+        # the right batch. Evaluation: an un-padded shard per rank, so multi-process metrics equal single-process
+        # ones. (data/sharding.py)
+        if train:
+            sampler = train_sampler(EpochShuffle(len(ds), hp.seed), self.trainer)
+        else:
+            sampler = eval_sampler(ds, self.trainer)
         loader_cls = ResumableLoader if train else DataLoader
         if hp.loader == "tensor":
             return loader_cls(

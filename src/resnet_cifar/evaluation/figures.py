@@ -51,8 +51,18 @@ def confusion_matrix_figure(cm: np.ndarray, class_names: Sequence[str], title: s
     return fig
 
 
-def reliability_figure(bins: dict[str, list[float]], ece: float) -> Figure:
-    """Accuracy per confidence bin against the diagonal, with the number of images per bin."""
+def reliability_figure(
+    bins: dict[str, list[float]],
+    ece: float,
+    calibrated: dict[str, list[float]] | None = None,
+    ece_calibrated: float | None = None,
+    temperature: float | None = None,
+) -> Figure:
+    """Accuracy per confidence bin against the diagonal, with the number of images per bin.
+
+    With ``calibrated`` (the bins after temperature scaling), its curve (accuracy at each bin's mean
+    confidence) and image counts are drawn over the raw ones.
+    """
     lo, hi = np.asarray(bins["lower"]), np.asarray(bins["upper"])
     acc, conf, count = np.asarray(bins["accuracy"]), np.asarray(bins["confidence"]), np.asarray(bins["count"])
     fig = _figure(5.0, 6.0)
@@ -73,9 +83,19 @@ def reliability_figure(bins: dict[str, list[float]], ece: float) -> Figure:
     ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
-    ax.set_title(f"Reliability diagram (ECE = {ece:.4f})")
+    title = f"Reliability diagram (ECE = {ece:.4f})"
+    ax_n.bar(lo, count, width=width, align="edge", color="gray", label="softmax")
+    if calibrated is not None:
+        c_conf, c_acc = np.asarray(calibrated["confidence"]), np.asarray(calibrated["accuracy"])
+        c_count = np.asarray(calibrated["count"])
+        c_filled = c_count > 0
+        label = f"after temperature scaling (T = {temperature:.3g})" if temperature else "after temperature scaling"
+        ax.plot(c_conf[c_filled], c_acc[c_filled], "o-", color="tab:green", linewidth=2, markersize=4, label=label)
+        ax_n.step(hi, c_count, where="pre", color="tab:green", label="calibrated")
+        ax_n.legend(loc="upper left", fontsize=7)
+        title = f"Reliability diagram (ECE {ece:.4f} -> {ece_calibrated:.4f} calibrated)"
+    ax.set_title(title)
     ax.legend(loc="upper left", fontsize=8)
-    ax_n.bar(lo, count, width=width, align="edge", color="gray")
     ax_n.set_xlim(0, 1)
     ax_n.set_xlabel("confidence (max softmax probability)")
     ax_n.set_ylabel("images")

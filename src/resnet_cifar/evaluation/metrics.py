@@ -25,6 +25,8 @@ from torchmetrics.classification import (
 )
 from torchmetrics.wrappers import ClasswiseWrapper
 
+from resnet_cifar.evaluation.calibration import scaled_softmax
+
 
 class ReliabilityBins(Metric):
     """Per equal-width confidence bin: image count, summed confidence, correct predictions.
@@ -105,6 +107,11 @@ class ReportMetrics(nn.Module):
         n_bins: confidence bins of the ECE and the reliability diagram.
         max_misclassified: the most confident mistakes kept for the grid.
         tta: also score the plain and the mirrored-and-averaged logits (top-1 with and without flip TTA).
+
+    :attr:`temperature` (set before the test loop by
+    :class:`~resnet_cifar.evaluation.calibration.TemperatureScaling`; None: not calibrated) adds the ECE,
+    NLL and reliability bins of the temperature-scaled probabilities beside the raw ones; the most
+    confident mistakes are then ranked and shown with the calibrated probabilities, as a user sees them.
     """
 
     def __init__(self, class_names: list[str], n_bins: int = 15, max_misclassified: int = 36, tta: bool = True) -> None:
@@ -131,6 +138,12 @@ class ReportMetrics(nn.Module):
         self.ece = MulticlassCalibrationError(c, n_bins=n_bins, norm="l1")  # on probabilities
         self.nll = MeanMetric()
         self.reliability = ReliabilityBins(n_bins)
+        # the same after temperature scaling (updated only once a temperature is set)
+        self.ece_calibrated = MulticlassCalibrationError(c, n_bins=n_bins, norm="l1")
+        self.nll_calibrated = MeanMetric()
+        self.reliability_calibrated = ReliabilityBins(n_bins)
+        self.temperature: float | None = None
+        self.calibration: dict[str, Any] = {}  # where the temperature came from, or why there is none
         self.mistakes = TopMistakes(max_misclassified)
         if tta:
             self.top1_no_tta = MulticlassAccuracy(c, average="micro")
@@ -159,6 +172,11 @@ class ReportMetrics(nn.Module):
         self.ece.update(probs, target)
         self.nll.update(F.nll_loss(probs.clamp_min(1e-12).log(), target), weight=len(target))
         self.reliability.update(probs, target)
+        if self.temperature is not None:
+            probs = scaled_softmax(headline, self.temperature)
+            self.ece_calibrated.update(probs, target)
+            self.nll_calibrated.update(F.nll_loss(probs.clamp_min(1e-12).log(), target), weight=len(target))
+            self.reliability_calibrated.update(probs, target)
         self.mistakes.update(probs, target, index)
         if self.tta and logits is not None and logits_flip is not None:
             logits, logits_flip = logits.float(), logits_flip.float()
@@ -193,6 +211,12 @@ class ReportMetrics(nn.Module):
             "reliability": self.reliability.compute(),
             "mistakes": self.mistakes.compute(),
         }
+        report["temperature"] = self.temperature
+        report["calibration"] = dict(self.calibration)
+        if self.temperature is not None and self.nll_calibrated.update_count:
+            report["ece_calibrated"] = float(self.ece_calibrated.compute())
+            report["nll_calibrated"] = float(self.nll_calibrated.compute())
+            report["reliability_calibrated"] = self.reliability_calibrated.compute()
         if self.tta and self.top1_no_tta.update_count:
             report["tta"] = {
                 "top1_no_tta": float(self.top1_no_tta.compute()),

@@ -46,7 +46,10 @@ def most_confused(confusion: list[list[int]], class_names: list[str], top: int) 
     return pairs
 
 
-SCALARS = ("top1", "top5", "macro_precision", "macro_recall", "macro_f1", "ece", "nll")
+SCALARS = (
+    *("top1", "top5", "macro_precision", "macro_recall", "macro_f1", "ece", "nll"),
+    *("ece_calibrated", "nll_calibrated"),  # after temperature scaling (evaluation/calibration.py)
+)
 
 
 def flat_metrics(report: dict[str, Any], prefix: str = "test/") -> dict[str, float]:
@@ -75,12 +78,26 @@ def _markdown(report: dict[str, Any], pngs: dict[str, str], title: str) -> str:
     lines += ["|---|---|---|---|"]
     for p in report["most_confused"]:
         lines.append(f"| {p['true']} | {p['predicted']} | {p['count']} | {p['fraction_of_true']:.1%} |")
-    lines += ["", "## Calibration", "", f"Expected calibration error: {report['ece']:.4f}.", ""]
+    lines += ["", "## Calibration", "", _calibration_text(report), ""]
     lines += [f"![reliability diagram]({pngs['reliability']})", ""]
     if "misclassified" in pngs:
         lines += ["## Misclassified images", "", "The most confident mistakes: predicted (probability) / true.", ""]
         lines += [f"![misclassified]({pngs['misclassified']})", ""]
     return "\n".join(lines)
+
+
+def _calibration_text(report: dict[str, Any]) -> str:
+    """One paragraph: the ECE and NLL of the raw and of the temperature-scaled probabilities, and where T came from."""
+    raw = f"expected calibration error {report['ece']:.4f}, NLL {report['nll']:.4f}"
+    t, note = report.get("temperature"), report.get("calibration") or {}
+    if t is None or "ece_calibrated" not in report:
+        why = note.get("skipped", "report.calibrate=false")
+        return f"Softmax probabilities: {raw}. Not calibrated: {why}."
+    return (
+        f"Softmax probabilities: {raw}. After temperature scaling (T = {t:.4f}, {note.get('source', '')}; "
+        f"the probabilities predict.py gives): expected calibration error {report['ece_calibrated']:.4f}, "
+        f"NLL {report['nll_calibrated']:.4f}. Accuracy and top-5 do not change."
+    )
 
 
 def write_report(
@@ -116,7 +133,13 @@ def write_report(
 
     figs = {
         "confusion_matrix": figures.confusion_matrix_figure(torch.tensor(cm).numpy(), class_names),
-        "reliability": figures.reliability_figure(report["reliability"], report["ece"]),
+        "reliability": figures.reliability_figure(
+            report["reliability"],
+            report["ece"],
+            report.get("reliability_calibrated"),
+            report.get("ece_calibrated"),
+            report.get("temperature"),
+        ),
     }
     m = report["mistakes"]
     if m["index"]:
@@ -141,7 +164,8 @@ def write_report(
             if isinstance(lg, TensorBoardLogger):
                 lg.experiment.add_text("report/markdown", _markdown(report, {k: k for k in figs}, title), step)
             lg.save()  # after the Trainer's own last save (CSV rows, TensorBoard flush)
-    log.info("Report written to %s (top1 %.4f, ECE %.4f)", out_dir, report["top1"], report["ece"])
+    calibrated = f" -> {report['ece_calibrated']:.4f} calibrated" if "ece_calibrated" in report else ""
+    log.info("Report written to %s (top1 %.4f, ECE %.4f%s)", out_dir, report["top1"], report["ece"], calibrated)
     return report
 
 

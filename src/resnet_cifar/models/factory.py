@@ -25,6 +25,14 @@ CIFAR_MODELS = {"resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56, 
 # Models built for 32x32 inputs from scratch, beside the CIFAR ResNets: Page's ResNet-9 (models/resnet9.py).
 FAST_MODELS = ("resnet9",)
 MODELS = (*CIFAR_MODELS, *FAST_MODELS, *TORCHVISION_MODELS)
+# build_model's arguments that say where initial weights come from, not what the network is.
+WEIGHTS_OPTIONS = ("pretrained", "weights", "weights_path", "load_head")
+
+
+def architecture(model_options: dict[str, Any]) -> dict[str, Any]:
+    """The ``model`` config's entries that define the network (every option but :data:`WEIGHTS_OPTIONS`):
+    what rebuilds it elsewhere, e.g. from an export's metadata (``build_model(**architecture(...))``)."""
+    return {k: v for k, v in model_options.items() if k not in WEIGHTS_OPTIONS}
 
 
 class Classifier(nn.Module):

@@ -13,6 +13,7 @@ from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from resnet_cifar.errors import WeightsError
+from resnet_cifar.evaluation.calibration import TEMPERATURE_KEY, scaled_softmax
 from resnet_cifar.evaluation.metrics import ReportMetrics
 from resnet_cifar.models.factory import build_model
 from resnet_cifar.models.weights import safe_load
@@ -107,6 +108,9 @@ class ImageClassifier(pl.LightningModule):
         self.report_metrics: ReportMetrics | None = None
         self.test_report: dict[str, Any] | None = None
         self.trained_precision: str | None = None  # set by load_trained from the checkpoint
+        # Temperature scaling of the probabilities (evaluation/calibration.py): fitted after training, stored in
+        # the tested checkpoint and read back by load_trained; None: not calibrated.
+        self.temperature: float | None = None
 
     # ----------------------------------------------------------- forward
     def backbone_trainable(self) -> bool:
@@ -161,6 +165,13 @@ class ImageClassifier(pl.LightningModule):
     def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Eval-time fp32 logits with the model's TTA (``tta_flip``, ``tta_translate``), as :meth:`_eval_step`."""
         return self.tta_logits(x)[0]
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Class probabilities of :meth:`predict_logits`' logits: the softmax after the fitted temperature (if any).
+
+        Where probabilities leave the project (predict.py, ``predict_step``, the prediction grid).
+        """
+        return scaled_softmax(logits, self.temperature)
 
     # -------------------------------------------------------------- steps
     def setup(self, stage: str) -> None:
@@ -248,7 +259,7 @@ class ImageClassifier(pl.LightningModule):
             self.report_metrics.reset()
 
     def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
-        return self.predict_logits(batch[0]).softmax(-1)
+        return self.probabilities(self.predict_logits(batch[0]))
 
     # ------------------------------------------------------- optimisation
     def training_progress(self, step: int) -> float:
@@ -309,4 +320,5 @@ class ImageClassifier(pl.LightningModule):
         module = cls(**{**ckpt["hyper_parameters"], "compile": False, **overrides}, load_weights=False)
         module.load_state_dict(ckpt["state_dict"])
         module.trained_precision = ckpt.get(PRECISION_KEY)
+        module.temperature = ckpt.get(TEMPERATURE_KEY)
         return module.to(map_location).eval(), dict(data_hp)

@@ -54,7 +54,10 @@ class ValidationPredictionGrid(Callback):
         x, _ = dm.transform_batch((images.to(device), labels, index.to(device)), train=False)
         with torch.no_grad():
             logits = pl_module.predict_logits(x) if hasattr(pl_module, "predict_logits") else pl_module(x)
-        conf, pred = logits.float().softmax(-1).max(-1)
+            # the module's probabilities: temperature-scaled once it has a temperature (evaluation/calibration.py)
+            scaled = getattr(pl_module, "probabilities", None)
+            probs = scaled(logits) if scaled is not None else logits.float().softmax(-1)
+        conf, pred = probs.max(-1)
         names = dm.class_names
         titles = [f"{names[p]} ({c:.2f})\ntrue: {names[t]}" for p, c, t in zip(pred.tolist(), conf.tolist(), labels)]
         colours = ["tab:green" if p == t else "tab:red" for p, t in zip(pred.tolist(), labels.tolist())]
