@@ -181,6 +181,7 @@ def test_report_top1_is_test_acc_on_bf16_logits_whose_average_rounds_to_a_tie():
     mirrored = torch.cat([torch.tensor([[1.0, 1.0], [0.0, 2.0]]), rest], 1).bfloat16()
     x = torch.zeros(2, 3, 32, 32)
     x[..., 0] = 1.0  # the mirror image differs: its last column is the lit one
+
     def run_model(inp: torch.Tensor) -> torch.Tensor:  # per pair of images: one call or the views batched
         return torch.cat([plain if bool(pair[0, 0, 0, 0]) else mirrored for pair in inp.split(2)])
 
