@@ -5,11 +5,11 @@ every label budget and seed one target run per stage (scratch / linear_probe / f
 each from the source's best checkpoint; with ``--variants``, finetune variants (backbone LR
 warm-up on/off, ``stage.backbone_lr_ratio``) as extra rows. It writes a markdown table of
 target TEST accuracy (mean +- sample std over the seeds, and each cell's wall-clock), a PNG
-plot with error bars, ``results.json``, and can fill the README's block::
+plot with error bars, ``results.json``, and can fill the results block of BENCHMARKS.md (``--readme``)::
 
     python bench/transfer_study.py --plan                      # the planned compute, runs nothing
     RESNET_CIFAR_DATA=/path/to/cifar10 python bench/transfer_study.py --variants --variant-budgets 50 250 all \\
-        --out logs/transfer_study --plot docs/transfer_study.png --readme README.md
+        --out logs/transfer_study --plot docs/transfer_study.png --readme BENCHMARKS.md
 
 Every finished (cell, seed) is kept (``<out>/<row>_<budget>/seed<k>/cell.json``) and a run
 stopped mid-way resumes from its ``last.ckpt``: run the same command again to continue.
