@@ -128,7 +128,8 @@ BAD_CONFIGS = [
     (["data.augment.cutout=40"], ["data.augment.cutout=40: expected an integer in [0, 32]"]),
     (["data.classes=[1,1]"], ["data.classes=[1, 1]", "distinct"]),
     (["data.augment.flip=maybe"], ["data.augment.flip='maybe'", "true/false"]),
-    (["scheduler.warmup_epochs=4", "trainer.max_epochs=3"], ["scheduler.warmup_epochs=4", "<= trainer.max_epochs=3"]),
+    (["scheduler=cosine", "scheduler.warmup_epochs=4", "trainer.max_epochs=3"],
+     ["scheduler.warmup_epochs=4", "<= trainer.max_epochs=3"]),
     (["data.val_size=0"], ["data.val_size=0", "callbacks.model_checkpoint.monitor"]),
     (["seed=-1"], ["seed=-1"]),
     (["model=resnet9", "model.stem=whiten"], ["model.stem=whiten", "24 channels", "model.widths[0]=24"]),
@@ -307,7 +308,7 @@ def test_every_readme_error_row_through_a_real_run(synthetic_root, tmp_path):
             {},
         ),
         "stage=linear_probe freezes": (["model=resnet18", "stage=linear_probe", "model.cifar_stem=true"], {}),
-        "scheduler.progress=time": (["++scheduler.progress=time", "scheduler.warmup_epochs=0"], {}),
+        "scheduler.progress=time": (["++scheduler.progress=time", "scheduler=cosine", "scheduler.warmup_epochs=0"], {}),
         "stage.backbone_warmup_epochs=<n> warms up": (["stage.backbone_warmup_epochs=1"], {}),
         "data.fold=<i> must be": (["data.num_folds=2", "data.fold=2"], {}),
         "<TORCH_HOME>/hub/checkpoints": (

@@ -25,6 +25,7 @@ def learned(real_root, tmp_path_factory) -> tuple[dict, Path]:
             "trainer.max_epochs=3",
             "trainer.limit_val_batches=2",
             "trainer.limit_test_batches=4",
+            "scheduler=cosine",
             "scheduler.warmup_epochs=0.5",
             "~callbacks.progress_bar",
             "~callbacks.model_summary",

@@ -27,6 +27,7 @@ from resnet_cifar.study import make_pruner, open_storage
 # Two epochs of two training steps (validations at steps 2 and 4), one validation batch: seconds per trial.
 TINY = [
     "trainer.max_epochs=2",
+    "scheduler=cosine",
     "scheduler.warmup_epochs=0",
     "++trainer.limit_train_batches=2",
     "++trainer.limit_val_batches=1",

@@ -28,6 +28,7 @@ from resnet_cifar.models.weights import safe_load
 # Two training steps, one validation batch: each job takes seconds.
 TINY = [
     "trainer.max_epochs=1",
+    "scheduler=cosine",
     "scheduler.warmup_epochs=0",
     "++trainer.limit_train_batches=2",
     "++trainer.limit_val_batches=1",
@@ -116,6 +117,7 @@ def test_killed_multirun_continues_where_it_stopped(tmp_path, synthetic_root):
         f"hydra.sweep.dir={sweep}",
         *synthetic_overrides(synthetic_root),
         "trainer.max_epochs=1",
+        "scheduler=cosine",
         "scheduler.warmup_epochs=0",
         "++trainer.limit_train_batches=4",  # 4 steps of 50 images
         "++trainer.num_sanity_val_steps=0",

@@ -153,6 +153,7 @@ def test_multirun_sweeps_the_learning_rate(synthetic_root, tmp_path):
         "optimizer.lr=0.2,0.02",
         *synthetic_overrides(synthetic_root),
         "trainer.max_epochs=1",
+        "scheduler=cosine",
         "scheduler.warmup_epochs=0.5",
         f"hydra.sweep.dir={tmp_path}",
         cwd=tmp_path,
@@ -184,6 +185,7 @@ def test_multirun_sweeps_the_learning_rate(synthetic_root, tmp_path):
                 "stage=finetune",
                 "model.pretrained=true",
                 "trainer.max_epochs=1",
+                "scheduler=cosine",
                 "scheduler.warmup_epochs=0",
             ],
             "unfreeze_at_epoch=1 must be < trainer.max_epochs=1",
@@ -280,7 +282,7 @@ def test_runs_without_a_logger(synthetic_root, tmp_path):
 
     cfg = compose_cfg(
         [*synthetic_overrides(synthetic_root), "logger=none", "report=none", "trainer.max_epochs=1"]
-        + ["scheduler.warmup_epochs=0"],
+        + ["scheduler=cosine", "scheduler.warmup_epochs=0"],
         tmp_path,
     )
     metrics = train(cfg)

@@ -277,7 +277,7 @@ def test_eval_repeats_the_calibrated_numbers_and_calibration_changes_no_predicti
 
 def test_a_run_without_a_validation_split_says_why_it_is_not_calibrated(synthetic_root, tmp_path, caplog):
     overrides = [*synthetic_overrides(synthetic_root), "trainer.max_epochs=1", "data.val_size=0"]
-    overrides += ["~callbacks.model_checkpoint", "logger=none", "scheduler.warmup_epochs=0"]
+    overrides += ["~callbacks.model_checkpoint", "logger=none", "scheduler=cosine", "scheduler.warmup_epochs=0"]
     with caplog.at_level("INFO", logger="resnet_cifar"):
         metrics = train(compose_cfg(overrides, tmp_path))
     reason = "no validation split to fit the temperature on (data.val_size=0)"

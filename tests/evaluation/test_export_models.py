@@ -24,7 +24,7 @@ MODELS = {
     # the model of experiment=cpu_30min as the preset builds it, over steps instead of its time budget
     "resnet9_cpu_30min": ["experiment=cpu_30min", "~trainer.max_time", "scheduler.progress=steps"],
     # torchvision's ResNet-18 (ImageNet stem at 32x32) from scratch
-    "resnet18": ["model=resnet18", "scheduler.warmup_epochs=0"],
+    "resnet18": ["model=resnet18", "scheduler=cosine", "scheduler.warmup_epochs=0"],
 }
 
 

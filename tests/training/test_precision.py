@@ -131,7 +131,7 @@ def test_auto_on_this_machine_unmocked(synthetic_root, tmp_path):
     probe = tmp_path / "precision.json"
     overrides = [*synthetic_overrides(synthetic_root, precision=None), "trainer.max_epochs=1"]
     overrides += ["trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1"]
-    overrides += ["report=none", "logger=none", "scheduler.warmup_epochs=0"]
+    overrides += ["report=none", "logger=none", "scheduler=cosine", "scheduler.warmup_epochs=0"]
     overrides += ["+callbacks.probe._target_=probes.PrecisionProbe", f"+callbacks.probe.out={probe}"]
     metrics = train(compose_cfg(overrides, tmp_path))
     assert metrics["precision"] == expected

@@ -42,6 +42,7 @@ def overrides(root: Path, weights: Path, precision: str = "32-true") -> list[str
         "stage.unfreeze_at_epoch=1",
         f"model.weights_path={weights}",
         "model.dropout=0.2",
+        "scheduler=cosine",
         "scheduler.warmup_epochs=0.5",
         "callbacks.last_checkpoint.every_n_train_steps=3",
         "callbacks.last_checkpoint.every_n_minutes=null",

@@ -109,9 +109,11 @@ def test_time_budget_needs_max_time_and_fractional_warmup(tmp_path):
         budget_progress(_Trainer([]))
     budget = ["++scheduler.progress=time", "trainer.max_time=00:00:10:00"]
     with pytest.raises(ConfigError, match="no length under a time budget"):
-        validate_train_config(compose_cfg([*budget, "scheduler.warmup_epochs=1"], tmp_path))
+        validate_train_config(compose_cfg([*budget, "scheduler=cosine", "scheduler.warmup_epochs=1"], tmp_path))
     with pytest.raises(ConfigError, match="needs a wall-clock budget"):
-        validate_train_config(compose_cfg(["++scheduler.progress=time", "scheduler.warmup_epochs=0"], tmp_path))
+        validate_train_config(
+            compose_cfg(["++scheduler.progress=time", "scheduler=cosine", "scheduler.warmup_epochs=0"], tmp_path)
+        )
     validate_train_config(compose_cfg(["scheduler=onecycle", *budget], tmp_path))  # warm-up as pct_start: fine
 
 
