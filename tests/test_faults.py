@@ -3,6 +3,7 @@ and nothing written before is damaged."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import pickle
@@ -19,6 +20,8 @@ import pytest
 import torch
 from helpers import REPO, compose_cfg, synthetic_overrides, synthetic_split
 from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
 
 from resnet_cifar import CONFIG_DIR
 from resnet_cifar.cli import unwritable_reason
@@ -157,11 +160,20 @@ def test_bad_configs_fail_with_one_line_naming_key_value_and_range(tmp_path, ove
         assert word in message, message
 
 
+@contextlib.contextmanager
+def forget_hydra_config():
+    """Leave no HydraConfig behind for the next test in this process (code asks it whether it runs under Hydra)."""
+    try:
+        yield
+    finally:
+        HydraConfig.instance().cfg = None
+
+
 def test_every_shipped_config_option_passes_the_schema(tmp_path):
     """A key added to a conf/ file but not to resnet_cifar/schema.py fails here, not in a user's run."""
     validate_train_config(compose_cfg([], tmp_path / "run"))
     groups = [d for d in sorted(CONFIG_DIR.iterdir()) if d.is_dir() and d.name != "hydra"]
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"), forget_hydra_config():
         for group in groups:
             for option in sorted(group.glob("[!_]*.yaml")):
                 # pretrained/imagenet_<stage> is chosen by a torchvision model with that stage
@@ -170,7 +182,11 @@ def test_every_shipped_config_option_passes_the_schema(tmp_path):
                     if group.name == "pretrained"
                     else [f"{group.name}={option.stem}"]
                 )
-                cfg = compose("train", overrides=[*choice, f"paths.output_dir={tmp_path}"])
+                cfg = compose("train", overrides=[*choice, f"paths.output_dir={tmp_path}"], return_hydra_config=True)
+                HydraConfig.instance().set_config(cfg)  # ${hydra:...} (the search's callback) resolves as in a run
+                cfg = cfg.copy()
+                with open_dict(cfg):
+                    del cfg["hydra"]
                 check_schema(to_dict(cfg))
                 if group.name == "debug":  # e.g. max_epochs=1 with the default warm-up
                     validate_train_config(cfg)
@@ -322,6 +338,7 @@ def test_every_readme_error_row_through_a_real_run(synthetic_root, tmp_path):
         "<batch file> was refused": ([f"data.root={bad_data_root(tmp_path, 'code')}"], {}),
         "hydra.run.dir=<dir> cannot be used": ([f"hydra.run.dir={tmp_path / 'afile' / 'run'}"], {}),
         "<dir> already holds a run": ([f"hydra.run.dir={taken}"], {}),
+        "hydra.sweeper.pruner=<name>": (["hparams_search=optuna", "hydra.sweeper.pruner=meadian"], {}),
     }
     rows = readme_error_rows()
     assert len(rows) >= len(cases)

@@ -41,8 +41,10 @@ def test_every_format_reproduces_the_checkpoints_model(name, synthetic_root, tmp
     module, data_hp = ImageClassifier.load_trained(ckpt)
     model_hp = dict(module.hparams.model)
     if name.startswith("resnet9"):  # the preset's options reached the model
-        assert model_hp["activation"] == "celu" and model_hp["pool_before_bn"] and not model_hp["bn_scale_trainable"]
-        assert model_hp["widths"] == [32, 64, 128, 256] and model_hp["output_scale"] == 0.0625
+        preset = compose_cfg(["experiment=cpu_30min"], tmp_path / "preset").model
+        keys = ("stem", "widths", "tails", "activation", "pool_before_bn", "bn_scale_trainable", "output_scale")
+        assert {k: model_hp[k] for k in keys} == {k: preset[k] for k in keys}
+        assert model_hp["stem"] == "whiten" and model_hp["widths"] == [24, 128, 384, 384]
 
     out = tmp_path / "export"
     cfg = compose_cfg([f"ckpt_path={ckpt}", f"data.root={synthetic_root}", "check_images=100"], out, "export")
