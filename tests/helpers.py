@@ -88,6 +88,25 @@ def compose_cfg(overrides: list[str], output_dir: Path, config_name: str = "trai
         return compose(config_name=config_name, overrides=[*overrides, f"paths.output_dir={output_dir}"])
 
 
+def probes_env() -> dict[str, str]:
+    """The environment of a ``train.py`` subprocess that may name the tests' probes (``probes.X`` callbacks):
+    this checkout's package and ``tests/`` first on the path, the user's log folder left out."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO / "tests")])}
+    env.pop("RESNET_CIFAR_LOGS", None)
+    return env
+
+
+# A job that takes seconds: two training steps, one validation batch, no test (multiruns and searches).
+TINY_JOB = [
+    "scheduler=cosine",
+    "scheduler.warmup_epochs=0",
+    "++trainer.limit_train_batches=2",
+    "++trainer.limit_val_batches=1",
+    "++trainer.num_sanity_val_steps=0",
+    "test=false",
+]
+
+
 def run_script(script: str, *overrides: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run ``train.py``/``eval.py`` as a user would, with this checkout's package first on the path."""
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "HYDRA_FULL_ERROR": "0"}

@@ -17,7 +17,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from helpers import REPO, synthetic_overrides
+from helpers import REPO, TINY_JOB, probes_env, synthetic_overrides
 from optuna.trial import TrialState
 
 from hydra_plugins.resnet_cifar_optuna_sweeper._space import search_space
@@ -25,16 +25,7 @@ from resnet_cifar.errors import ConfigError
 from resnet_cifar.study import make_pruner, open_storage
 
 # Two epochs of two training steps (validations at steps 2 and 4), one validation batch: seconds per trial.
-TINY = [
-    "trainer.max_epochs=2",
-    "scheduler=cosine",
-    "scheduler.warmup_epochs=0",
-    "++trainer.limit_train_batches=2",
-    "++trainer.limit_val_batches=1",
-    "++trainer.num_sanity_val_steps=0",
-    "test=false",
-    "~callbacks.prediction_grid",
-]
+TINY = ["trainer.max_epochs=2", *TINY_JOB, "~callbacks.prediction_grid"]
 # A crafted metric: trial n reports scores[n] at every validation; with the median pruner active from
 # the second trial on, a trial below the completed ones' median at the same step is pruned there.
 LAGGING = [
@@ -45,12 +36,6 @@ LAGGING = [
 ]
 
 
-def env() -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO / "tests")])}
-    env.pop("RESNET_CIFAR_LOGS", None)
-    return env
-
-
 def search_command(sweep: Path, root: Path, *overrides: str) -> list[str]:
     return [
         sys.executable, str(REPO / "train.py"), "hparams_search=optuna", f"hydra.sweep.dir={sweep}",
@@ -59,7 +44,7 @@ def search_command(sweep: Path, root: Path, *overrides: str) -> list[str]:
 
 
 def run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(command, cwd=cwd, env=env(), capture_output=True, text=True, timeout=900)
+    return subprocess.run(command, cwd=cwd, env=probes_env(), capture_output=True, text=True, timeout=900)
 
 
 def read_json(path: Path) -> dict:
@@ -138,7 +123,7 @@ def test_killed_search_continues_from_its_storage(tmp_path, synthetic_root):
         "+callbacks.hold._target_=probes.HoldAt", "+callbacks.hold.job=1", "+callbacks.hold.step=2",
         f"+callbacks.hold.marker={marker}",
     )  # fmt: skip
-    first = subprocess.Popen(command, cwd=tmp_path, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    first = subprocess.Popen(command, cwd=tmp_path, env=probes_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                              text=True, start_new_session=True)  # fmt: skip
     deadline = time.monotonic() + 300
     while not marker.exists() and first.poll() is None and time.monotonic() < deadline:

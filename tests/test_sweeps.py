@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import submitit
 import yaml
-from helpers import CONF, REPO, synthetic_overrides
+from helpers import CONF, REPO, TINY_JOB, probes_env, synthetic_overrides
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -26,27 +26,13 @@ from resnet_cifar import sweeps
 from resnet_cifar.models.weights import safe_load
 
 # Two training steps, one validation batch: each job takes seconds.
-TINY = [
-    "trainer.max_epochs=1",
-    "scheduler=cosine",
-    "scheduler.warmup_epochs=0",
-    "++trainer.limit_train_batches=2",
-    "++trainer.limit_val_batches=1",
-    "++trainer.num_sanity_val_steps=0",
-    "test=false",
-]
-
-
-def train_env() -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO / "tests")])}
-    env.pop("RESNET_CIFAR_LOGS", None)
-    return env
+TINY = ["trainer.max_epochs=1", *TINY_JOB]
 
 
 def run_train(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
     """train.py as a user runs it, with tests/ on the path too (the probe callbacks)."""
     cmd = [sys.executable, str(REPO / "train.py"), *overrides]
-    return subprocess.run(cmd, cwd=cwd, env=train_env(), capture_output=True, text=True, timeout=900)
+    return subprocess.run(cmd, cwd=cwd, env=probes_env(), capture_output=True, text=True, timeout=900)
 
 
 def job_dirs(sweep: Path) -> list[Path]:
@@ -130,7 +116,7 @@ def test_killed_multirun_continues_where_it_stopped(tmp_path, synthetic_root):
         f"+callbacks.hold.marker={marker}",
     ]
     first = subprocess.Popen(
-        command, cwd=tmp_path, env=train_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        command, cwd=tmp_path, env=probes_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         start_new_session=True,
     )  # fmt: skip
     deadline = time.monotonic() + 300
@@ -147,7 +133,7 @@ def test_killed_multirun_continues_where_it_stopped(tmp_path, synthetic_root):
     assert safe_load(last)["global_step"] == 2
     events_before = set((jobs[1] / "tensorboard").glob("events.out.tfevents.*"))
 
-    again = subprocess.run(command, cwd=tmp_path, env=train_env(), capture_output=True, text=True, timeout=600)
+    again = subprocess.run(command, cwd=tmp_path, env=probes_env(), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "1 of its jobs completed earlier and are skipped; 1 run again" in again.stdout + again.stderr
     jobs = job_dirs(sweep)
