@@ -66,9 +66,11 @@ def synthetic_overrides(root: Path, precision: str | None = "32-true") -> list[s
 
     ``precision``: fp32 by default, so that the tests' numbers do not depend on whether the CPU that
     runs them has bf16 instructions (``trainer.precision: auto``, tested on its own); None: ``auto``.
+    Not compiled: ``module.compile`` (the default) costs tens of seconds per run; it is tested on its own.
     """
     return [
         *([f"trainer.precision={precision}"] if precision else []),
+        "module.compile=false",
         f"data.root={root}",
         "data.strict_sizes=false",
         "data.val_size=100",
@@ -98,6 +100,7 @@ def probes_env() -> dict[str, str]:
 
 # A job that takes seconds: two training steps, one validation batch, no test (multiruns and searches).
 TINY_JOB = [
+    "module.compile=false",
     "scheduler=cosine",
     "scheduler.warmup_epochs=0",
     "++trainer.limit_train_batches=2",

@@ -52,6 +52,9 @@ class ImageClassifier(pl.LightningModule):
         tta_translate: also average over the image shifted by this many pixels up-left and down-right
             (reflection padding; with ``tta_flip`` each shift and its mirror image), airbench94's
             "TTA level 2": weight 1/2 on the unshifted view(s), 1/4 on each shift. 0: off.
+        tta_val: apply that TTA at the validations during fitting too. False: they see the plain images
+            (one view instead of up to six: airbench94 evaluates so per epoch), so ``val/acc`` and the best
+            checkpoint's choice are without TTA; the test, the report and the temperature's fit keep it.
         compile: run the model through ``torch.compile`` (the compiled wrapper is not a submodule,
             so checkpoints keep the plain ``model.*`` keys).
         compile_mode: ``torch.compile``'s ``mode`` (``default``, ``reduce-overhead``: CUDA graphs, ...).
@@ -73,6 +76,7 @@ class ImageClassifier(pl.LightningModule):
         channels_last: bool = False,
         tta_flip: bool = False,
         tta_translate: int = 0,
+        tta_val: bool = True,
         compile: bool = False,
         compile_mode: str = "default",
         compile_dynamic: bool | None = False,
@@ -219,18 +223,23 @@ class ImageClassifier(pl.LightningModule):
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
-    def _eval_step(self, batch, acc: MulticlassAccuracy, mean_loss: MeanMetric, report: bool = False) -> None:
+    def _eval_step(
+        self, batch, acc: MulticlassAccuracy, mean_loss: MeanMetric, report: bool = False, tta: bool = True
+    ) -> None:
         x, y, index = batch
         # test/acc, the loss and every number of the report come from these same fp32 logits, so the
         # report's top-1 is test/acc exactly.
-        headline, logits, flip = self.tta_logits(x, with_flip=report and self.report_metrics.tta)
+        if tta:
+            headline, logits, flip = self.tta_logits(x, with_flip=report and self.report_metrics.tta)
+        else:
+            headline, logits, flip = self(x).float(), None, None
         acc.update(headline, y)
         mean_loss.update(F.cross_entropy(headline, y, reduction="none"))
         if report:
             self.report_metrics.update(headline, y, index, logits, flip)
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, self.val_acc, self.val_loss)
+        self._eval_step(batch, self.val_acc, self.val_loss, tta=self.hparams.get("tta_val", True))
 
     def on_validation_epoch_end(self) -> None:
         acc = self.val_acc.compute()
