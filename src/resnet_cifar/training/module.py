@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from resnet_cifar.errors import WeightsError
+from resnet_cifar.errors import ConfigError, WeightsError
 from resnet_cifar.evaluation.calibration import TEMPERATURE_KEY, scaled_softmax
 from resnet_cifar.evaluation.metrics import ReportMetrics
 from resnet_cifar.models.factory import build_model
@@ -194,6 +194,21 @@ class ImageClassifier(pl.LightningModule):
         self.val_acc_best.reset()  # forget the sanity-check validation
         metric_state.restore(self, self._resumed_metric_states)  # a resumed run: where it stopped
         self._resumed_metric_states = None
+        self._check_resumed_schedule()
+
+    def _check_resumed_schedule(self) -> None:
+        """A resumed OneCycle keeps the checkpoint's length (torch's ``OneCycleLR`` stores ``total_steps``): a
+        run resumed with another ``trainer.max_epochs`` would fail mid-run past it (``Tried to step N times``)
+        or stop before its LR came down. Refused at the start instead, with what to do."""
+        planned = getattr(self, "_onecycle_steps", None)
+        restored = [_onecycle_steps(c.scheduler) for c in self.trainer.lr_scheduler_configs]
+        restored = next((n for n in restored if n is not None), None)
+        if planned is not None and restored is not None and restored != planned:
+            raise ConfigError(
+                f"ckpt_path: the checkpoint's OneCycle schedule is {restored} steps long, this run's {planned} "
+                "(another trainer.max_epochs or data size): resume with the checkpoint's settings, or train on "
+                "from its weights in a new run (model.weights_path=<ckpt>)"
+            )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # train/acc accumulates within an epoch: only a mid-epoch checkpoint carries it on (a save
@@ -298,6 +313,7 @@ class ImageClassifier(pl.LightningModule):
             max_epochs=self.trainer.max_epochs,
             time_progress=self._time_progress,
         )
+        self._onecycle_steps = _onecycle_steps(scheduler)  # before a resume restores the checkpoint's
         warmup = self.schedule.backbone_warmup_epochs
         if warmup and self.schedule.backbone_in_optimizer:
             self.trainer.estimated_stepping_batches  # noqa: B018 (sets up the train loader: its length)
@@ -331,3 +347,13 @@ class ImageClassifier(pl.LightningModule):
         module.trained_precision = ckpt.get(PRECISION_KEY)
         module.temperature = ckpt.get(TEMPERATURE_KEY)
         return module.to(map_location).eval(), dict(data_hp)
+
+
+def _onecycle_steps(scheduler: Any) -> int | None:
+    """``total_steps`` of a torch ``OneCycleLR`` (also inside a ``ChainedScheduler``), else None."""
+    if isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR):
+        return scheduler.total_steps
+    for inner in getattr(scheduler, "_schedulers", ()):
+        if isinstance(inner, torch.optim.lr_scheduler.OneCycleLR):
+            return inner.total_steps
+    return None
