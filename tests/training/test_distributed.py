@@ -47,6 +47,7 @@ def ddp_overrides(root: Path, run_dir: Path) -> list[str]:
     return [
         "trainer=ddp_cpu",
         "trainer.precision=32-true",  # compared with a single process and across a resume: fp32 on every CPU
+        "module.compile=false",  # compiling in each process costs a minute; compile has tests of its own
         f"data.root={root}",
         "data.strict_sizes=false",
         "data.val_size=99",  # odd too
