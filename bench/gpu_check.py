@@ -394,6 +394,7 @@ def tools_step(check: Check, accelerator: str) -> dict[str, Any]:
         ex.append(f"output_dir={check.work / 'export'}")
         check.command("export", lambda: run_command(check, "export.py", ex, "export", 120))
     ddp = ["trainer=ddp", "trainer.devices=1", "trainer.max_epochs=1", "trainer.limit_train_batches=50"]
+    ddp.append("module.compile=false")  # the DDP path, within its time limit (step b times compiling)
     ddp += check_overrides(check.smoke)
     if accelerator == "cpu":  # --smoke: the same strategy on the CPU
         ddp += ["trainer.accelerator=cpu", "trainer.precision=32-true", "trainer.strategy.process_group_backend=gloo"]

@@ -66,9 +66,11 @@ def synthetic_overrides(root: Path, precision: str | None = "32-true") -> list[s
 
     ``precision``: fp32 by default, so that the tests' numbers do not depend on whether the CPU that
     runs them has bf16 instructions (``trainer.precision: auto``, tested on its own); None: ``auto``.
+    Not compiled: ``module.compile`` (the default) costs tens of seconds per run; it is tested on its own.
     """
     return [
         *([f"trainer.precision={precision}"] if precision else []),
+        "module.compile=false",
         f"data.root={root}",
         "data.strict_sizes=false",
         "data.val_size=100",
@@ -88,6 +90,17 @@ def compose_cfg(overrides: list[str], output_dir: Path, config_name: str = "trai
         return compose(config_name=config_name, overrides=[*overrides, f"paths.output_dir={output_dir}"])
 
 
+def config_model(*overrides: str, num_classes: int = 10) -> torch.nn.Module:
+    """The network ``python train.py <overrides>`` builds (``model=resnet20``: the default's shortcuts): a
+    weights file the tests fine-tune from fits it whatever the defaults are."""
+    from resnet_cifar.models.factory import build_model
+    from resnet_cifar.plain import to_dict
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        model = to_dict(compose(config_name="train", overrides=list(overrides)).model)
+    return build_model(num_classes=num_classes, **model)
+
+
 def probes_env() -> dict[str, str]:
     """The environment of a ``train.py`` subprocess that may name the tests' probes (``probes.X`` callbacks):
     this checkout's package and ``tests/`` first on the path, the user's log folder left out."""
@@ -98,6 +111,7 @@ def probes_env() -> dict[str, str]:
 
 # A job that takes seconds: two training steps, one validation batch, no test (multiruns and searches).
 TINY_JOB = [
+    "module.compile=false",
     "scheduler=cosine",
     "scheduler.warmup_epochs=0",
     "++trainer.limit_train_batches=2",

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 from compose_all import compose_all
-from helpers import REPO, compose_cfg, run_script, synthetic_overrides
+from helpers import CONF, REPO, compose_cfg, run_script, synthetic_overrides
+from omegaconf import OmegaConf
 
 from resnet_cifar import cli
 from resnet_cifar.errors import MissingExtraError, require_extra
@@ -187,12 +188,13 @@ def test_finetune_composes_the_weights_preprocessing_and_lr(tmp_path):
     assert cfg["data"]["image_size"] > 32
     # the backbone at the head's LR: the stage's default, the transfer study's finding
     assert cfg["optimizer"]["lr"] == 0.01 and cfg["stage"]["backbone_lr_ratio"] == 1.0
-    # From scratch, and for the CIFAR ResNets, CIFAR-10's own statistics and 32x32 stay.
+    # From scratch, and for the CIFAR ResNets, CIFAR-10's own statistics and 32x32 stay, and the default LR.
+    scratch_lr = OmegaConf.load(CONF / "optimizer" / "sgd.yaml").lr
     for args in (["model=resnet18"], ["model=resnet20", "stage=finetune"], ["model=resnet50", "stage=linear_probe"]):
         cfg = compose_cfg(args, tmp_path)
         imagenet = args[-1] == "stage=linear_probe"
         assert list(cfg.data.mean) == ([0.485, 0.456, 0.406] if imagenet else [0.4914, 0.4822, 0.4465]), args
-        assert cfg.data.image_size == (64 if imagenet else 32) and cfg.optimizer.lr == 0.1, args
+        assert cfg.data.image_size == (64 if imagenet else 32) and cfg.optimizer.lr == scratch_lr, args
     # What the user gives wins over what the weights suggest, and so does an experiment preset.
     cfg = compose_cfg(["model=resnet18", "stage=finetune", "data.image_size=32", "optimizer.lr=0.003"], tmp_path)
     assert cfg.data.image_size == 32 and cfg.optimizer.lr == 0.003

@@ -86,11 +86,12 @@ def test_every_model_composes_its_base(composed):
 
 def test_imagenet_inputs_come_with_the_pretrained_stages(composed):
     imagenet = base("_pretrained_imagenet")["data"]
-    for stage, lr in (("finetune", 0.01), ("linear_probe", 0.1)):
+    scratch_lr = base("optimizer/sgd")["lr"]  # the default recipe's (from scratch); linear_probe keeps it
+    for stage, lr in (("finetune", 0.01), ("linear_probe", scratch_lr)):
         cfg = composed("model=resnet34", f"stage={stage}")
         assert {k: OmegaConf.to_object(cfg.data)[k] for k in imagenet} == imagenet and cfg.optimizer.lr == lr, stage
     cfg = composed("model=resnet34", "stage=scratch")
-    assert cfg.data.image_size == 32 and list(cfg.data.mean) != imagenet["mean"] and cfg.optimizer.lr == 0.1
+    assert cfg.data.image_size == 32 and list(cfg.data.mean) != imagenet["mean"] and cfg.optimizer.lr == scratch_lr
 
 
 @pytest.mark.parametrize(

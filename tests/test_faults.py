@@ -296,6 +296,7 @@ COVERED_ELSEWHERE = {
     "cannot write checkpoint": "test_full_disk_while_saving_is_a_clear_error_and_keeps_earlier_outputs",
     "<feature> needs": "test_commands.py::test_a_missing_extra_through_the_command_is_one_line",
     "hydra.sweep.dir=<dir> holds": "test_sweeps.py::test_killed_multirun_continues_where_it_stopped",
+    "ckpt_path: the checkpoint's OneCycle": "test_train.py::test_resume_with_another_length_of_onecycle_is_refused",
 }
 
 
@@ -326,6 +327,7 @@ def test_every_readme_error_row_through_a_real_run(synthetic_root, tmp_path):
         "stage=linear_probe freezes": (["model=resnet18", "stage=linear_probe", "model.cifar_stem=true"], {}),
         "scheduler.progress=time": (["++scheduler.progress=time", "scheduler=cosine", "scheduler.warmup_epochs=0"], {}),
         "stage.backbone_warmup_epochs=<n> warms up": (["stage.backbone_warmup_epochs=1"], {}),
+        "module.compile=true on a CPU": (["module.compile=true"], {"CXX": str(tmp_path / "no_such_compiler")}),
         "data.fold=<i> must be": (["data.num_folds=2", "data.fold=2"], {}),
         "<TORCH_HOME>/hub/checkpoints": (
             ["model=resnet18", "model.pretrained=true"],

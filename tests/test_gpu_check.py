@@ -140,7 +140,7 @@ def test_an_arm_stops_at_the_deadline(gpu_check, synthetic_root, tmp_path):
     from _common import compose
 
     overrides = ["data.strict_sizes=false", "data.val_size=100", "data.batch_size=16", "trainer.accelerator=cpu"]
-    cfg = compose([f"data.root={synthetic_root}", *overrides, "trainer.precision=32-true"])
+    cfg = compose([f"data.root={synthetic_root}", *overrides, "trainer.precision=32-true", "module.compile=false"])
     with pytest.raises(gpu_check.ArmStopped, match="after 0 of 4 steps"):
         gpu_check.bare_loop(cfg, 2, 2, deadline=0.0)
     with pytest.raises(gpu_check.ArmStopped, match="after 1 of 4 steps"):

@@ -27,6 +27,8 @@ def learned(real_root, tmp_path_factory) -> tuple[dict, Path]:
             "trainer.limit_test_batches=4",
             "scheduler=cosine",
             "scheduler.warmup_epochs=0.5",
+            "module.compile=false",  # ~1 min of compilation; compile has tests of its own
+            "module.tta_translate=0",  # flip TTA: 2 views of the 10,000 test images per evaluation, not 6
             "~callbacks.progress_bar",
             "~callbacks.model_summary",
             "logger=csv",

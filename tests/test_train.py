@@ -58,8 +58,9 @@ def test_train_writes_checkpoints_metrics_and_logs(trained_run, synthetic_root):
     # ... a summary a person reads, not the metrics JSON (per-class tables, bins: metrics.json keeps them)
     summary = log[log.index("Summary:") :].splitlines()[1:]
     assert len(summary) == 4 and all(len(line) < 200 for line in summary), summary
-    assert summary[0].strip() == (
-        f"test accuracy {metrics['test/acc']:.4f} without TTA (with flip TTA {metrics['test/top1_flip_tta']:.4f})"
+    assert summary[0].strip() == (  # the default recipe's TTA, the report's two others beside it
+        f"test accuracy {metrics['test/acc']:.4f} with flip + 1-pixel translate TTA (without it "
+        f"{metrics['test/top1_no_tta']:.4f}, flip only {metrics['test/top1_flip_tta']:.4f})"
     )
     assert summary[1].strip().startswith(f"calibrated ECE {metrics['test/ece_calibrated']:.4f}")
     assert summary[2].strip() == f"best checkpoint {best} (val/acc_best {metrics['val/acc_best']:.4f})"
@@ -86,15 +87,18 @@ def test_tensorboard_has_the_curves_and_hparams(trained_run):
     metrics = json.loads((trained_run / "metrics.json").read_text())
     assert metrics["val/acc_best"] == pytest.approx(max(val), abs=1e-6)
     assert metrics["val/acc"] == pytest.approx(val[-1], abs=1e-6)
-    # the learning rate per step: the cosine schedule's one-epoch warm-up up to optimizer.lr, then its decay
+    # the learning rate per step: the default OneCycle, from lr/25 up to optimizer.lr over the first quarter
+    # of the steps, then down to ~0
     head = [e.value for e in acc.Scalars("lr-SGD/head")]
-    assert len(head) == 2 * STEPS_PER_EPOCH and max(head) == pytest.approx(0.1, rel=1e-6)
-    assert head.index(max(head)) == STEPS_PER_EPOCH - 1 and head[-1] < head[STEPS_PER_EPOCH]
+    steps = 2 * STEPS_PER_EPOCH
+    assert len(head) == steps and max(head) == pytest.approx(0.2, rel=1e-6) and head[0] == pytest.approx(0.2 / 25)
+    assert head.index(max(head)) == steps // 4 - 1 and head[-1] < 0.2 / 25 / 1e3
     # the hyperparameters: the run's config flattened, the precision that ran, the model's size
     hparams = yaml.safe_load((trained_run / "tensorboard" / "hparams.yaml").read_text())
-    assert hparams["optimizer.lr"] == 0.1 and hparams["model.name"] == "resnet20"
+    assert hparams["optimizer.lr"] == 0.2 and hparams["model.name"] == "resnet20"
     assert hparams["trainer.precision"] == "32-true" and hparams["trainer.max_epochs"] == 2
-    assert hparams["model/params_total"] == hparams["model/params_trainable"] == 269_722  # ResNet-20: 0.27M
+    # ResNet-20 with shortcut B (1x1 projections at the two downsamplings): 0.27M
+    assert hparams["model/params_total"] == hparams["model/params_trainable"] == 272_474
 
 
 def test_eval_reports_the_same_test_accuracy(trained_run, synthetic_root, tmp_path):
@@ -113,21 +117,46 @@ def test_eval_reports_the_same_test_accuracy(trained_run, synthetic_root, tmp_pa
     assert evaluated["test/loss"] == pytest.approx(metrics["test/loss"], rel=1e-5)
 
 
-def test_resume_from_last_checkpoint_continues(trained_run, synthetic_root, tmp_path):
+def test_resume_with_another_length_of_onecycle_is_refused(trained_run, synthetic_root, tmp_path):
+    """The default OneCycle keeps the checkpoint's length: resumed for a third epoch it would fail past its
+    16 steps (torch: 'Tried to step 17 times'). One line instead, before training, the checkpoint untouched."""
+    last = trained_run / "checkpoints" / "last.ckpt"
+    before = last.read_bytes()
     proc = run_script(
         "train.py",
         *synthetic_overrides(synthetic_root),
         "trainer.max_epochs=3",
-        f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}",
+        f"ckpt_path={last}",
         f"hydra.run.dir={tmp_path}",
         cwd=tmp_path,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    error = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert error == [
+        f"error: ckpt_path: the checkpoint's OneCycle schedule is {2 * STEPS_PER_EPOCH} steps long, this run's "
+        f"{3 * STEPS_PER_EPOCH} (another trainer.max_epochs or data size): resume with the checkpoint's settings, "
+        "or train on from its weights in a new run (model.weights_path=<ckpt>)"
+    ], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and last.read_bytes() == before
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_resume_from_last_checkpoint_continues(synthetic_root, tmp_path):
+    """A run resumed for more epochs (a schedule that allows it: cosine) continues the global step."""
+    first_dir, resumed_dir = tmp_path / "first", tmp_path / "resumed"
+    common = [*synthetic_overrides(synthetic_root), "scheduler=cosine", "report=none"]
+    for run_dir, extra in ((first_dir, []), (resumed_dir, [f"ckpt_path={first_dir / 'checkpoints' / 'last.ckpt'}"])):
+        epochs = 2 if run_dir == first_dir else 3
+        run_dir.mkdir()
+        proc = run_script(
+            "train.py", *common, f"trainer.max_epochs={epochs}", *extra, f"hydra.run.dir={run_dir}", cwd=run_dir
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((resumed_dir / "metrics.json").read_text())
     assert metrics["epochs"] == 3
-    first = EventAccumulator(str(trained_run / "tensorboard"))
+    first = EventAccumulator(str(first_dir / "tensorboard"))
     first.Reload()
-    resumed = EventAccumulator(str(tmp_path / "tensorboard"))
+    resumed = EventAccumulator(str(resumed_dir / "tensorboard"))
     resumed.Reload()
     assert len(resumed.Scalars("val/acc")) == 1  # only the third epoch ran
     # the global step continues from the checkpoint instead of restarting at zero

@@ -103,6 +103,7 @@ def check_combinations(cfg: DictConfig) -> None:
             "module.compile=true with trainer.sync_batchnorm=true: torch.compile would trace SyncBatchNorm's "
             "collectives, an untested path; set trainer.sync_batchnorm=false (the default) or module.compile=false"
         )
+    check_compiler(cfg)
     if stage.name == "linear_probe" and model.get("cifar_stem") and model.get("pretrained"):
         raise ConfigError(
             "stage=linear_probe freezes the backbone, but model.cifar_stem=true replaces its pretrained stem "
@@ -128,3 +129,30 @@ def check_combinations(cfg: DictConfig) -> None:
             f"data.val_size=0 leaves no validation set, but {monitors[0]} watches a val/ metric: "
             "expected data.val_size >= 1, or ~callbacks.model_checkpoint"
         )
+
+
+def check_compiler(cfg: DictConfig) -> None:
+    """``module.compile`` on a CPU needs a C++ compiler: inductor builds its CPU kernels with one.
+
+    Without it torch fails at the first training step with a long traceback (``InvalidCxxCompiler``);
+    this asks torch's own compiler search (``get_cpp_compiler``, which honours ``$CXX``) before anything
+    loads. On a GPU inductor writes Triton kernels, and no check is made.
+    """
+    if not cfg.get("module", {}).get("compile"):
+        return
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    import torch
+
+    if accelerator not in ("cpu", "auto") or (accelerator == "auto" and torch.cuda.is_available()):
+        return
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except ImportError:  # a torch without it: torch.compile reports for itself
+        return
+    try:
+        get_cpp_compiler()
+    except Exception:
+        raise ConfigError(
+            "module.compile=true on a CPU needs a C++ compiler (torch.compile builds its CPU kernels with one) "
+            "and none was found (g++, or $CXX): install one, or set module.compile=false"
+        ) from None

@@ -18,7 +18,7 @@ from resnet_cifar.config import validate_train_config
 from resnet_cifar.data.datamodule import CIFAR10DataModule
 from resnet_cifar.errors import ConfigError, WeightsError
 from resnet_cifar.evaluation.calibration import TEMPERATURE_KEY, TemperatureScaling
-from resnet_cifar.evaluation.report import save_report
+from resnet_cifar.evaluation.report import save_report, tta_name
 from resnet_cifar.models.weights import safe_load
 from resnet_cifar.plain import to_dict
 from resnet_cifar.progress import trainer_progress
@@ -132,9 +132,11 @@ def summary(metrics: dict[str, Any], out_dir: Path) -> list[str]:
     report = metrics.get("report") or {}
     if "test/acc" in metrics:
         tta = report.get("tta", {})
-        if report.get("tta_flip"):
-            other = f" (without it {tta['top1_no_tta']:.4f})" if "top1_no_tta" in tta else ""
-            lines.append(f"test accuracy {metrics['test/acc']:.4f} with flip TTA{other}")
+        if report.get("tta_flip") or report.get("tta_translate"):
+            flip_only = report.get("tta_translate") and "top1_flip_tta" in tta
+            flip = f", flip only {tta['top1_flip_tta']:.4f}" if flip_only else ""
+            other = f" (without it {tta['top1_no_tta']:.4f}{flip})" if "top1_no_tta" in tta else ""
+            lines.append(f"test accuracy {metrics['test/acc']:.4f} with {tta_name(report)}{other}")
         else:
             other = f" (with flip TTA {tta['top1_flip_tta']:.4f})" if "top1_flip_tta" in tta else ""
             lines.append(f"test accuracy {metrics['test/acc']:.4f} without TTA{other}")

@@ -195,6 +195,7 @@ class ModuleSchema:
     channels_last: bool = f()
     tta_flip: bool = f()
     tta_translate: int = f(check=_rng(0, 8))
+    tta_val: bool = f()
     compile: bool = f()
     compile_mode: str = f(check=_choice("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
     compile_dynamic: bool | None = f()

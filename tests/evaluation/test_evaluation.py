@@ -36,10 +36,13 @@ def assert_png(path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def run_dir(synthetic_root, tmp_path_factory) -> Path:
-    """One short training run with the report and the prediction grid every epoch."""
+    """One short training run with the report and the prediction grid every epoch; without TTA, so that
+    the tests below can check its report, predictions and exports against the plain network's logits."""
     out = tmp_path_factory.mktemp("report_run")
     overrides = [
         *synthetic_overrides(synthetic_root),
+        "module.tta_flip=false",
+        "module.tta_translate=0",
         "trainer.max_epochs=1",
         "callbacks.prediction_grid.every_n_epochs=1",
         "callbacks.prediction_grid.num_images=8",
@@ -197,6 +200,7 @@ def test_report_top1_is_test_acc_on_bf16_logits_whose_average_rounds_to_a_tie():
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 def test_report_top1_equals_the_logged_test_acc_under_every_precision(synthetic_root, tmp_path, precision):
     overrides = [*synthetic_overrides(synthetic_root, precision), "trainer.max_epochs=1", "module.tta_flip=true"]
+    overrides.append("module.tta_translate=0")  # flip only: the headline is then the report's flip TTA
     metrics = train(compose_cfg([*overrides, "logger=none"], tmp_path))
     assert metrics["precision"] == precision
     assert metrics["test/top1"] == metrics["test/acc"]  # exactly: one computation from the same logits
@@ -418,7 +422,7 @@ def test_export_matches_pytorch(ckpt, synthetic_root, tmp_path):
     assert meta["temperature"] == written["temperature"]
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref)
-        again = build_model("resnet20", weights_path=str(tmp_path / "model.safetensors")).eval()
+        again = build_model(**{**meta["model"], "weights_path": str(tmp_path / "model.safetensors")}).eval()
         torch.testing.assert_close(again(x), ref)
 
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+from helpers import compose_cfg
 
+from resnet_cifar.config import check_compiler
+from resnet_cifar.errors import ConfigError
 from resnet_cifar.training.module import ImageClassifier
 
 
@@ -95,3 +99,23 @@ def test_training_loss_uses_label_smoothing():
     unsmoothed = plain.training_step((x, y, torch.arange(4)), 0).detach()
     assert torch.allclose(unsmoothed, torch.nn.functional.cross_entropy(logits, y), atol=1e-6)
     assert not torch.allclose(loss.detach(), unsmoothed)  # same weights (seed 0): only the smoothing differs
+
+
+def test_compile_on_a_cpu_without_a_compiler_is_a_config_error(monkeypatch, tmp_path):
+    """module.compile (the default) asks torch's own compiler search before anything loads; without compile, or
+    on a GPU (Triton kernels), no compiler is needed."""
+    import torch._inductor.cpp_builder as cpp_builder
+
+    def no_compiler() -> str:
+        raise RuntimeError("InvalidCxxCompiler")
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
+    cfg = compose_cfg(["trainer.accelerator=cpu"], tmp_path)
+    assert cfg.module.compile is True  # the default recipe compiles
+    message = r"^module.compile=true on a CPU needs a C\+\+ compiler .*module.compile=false$"
+    with pytest.raises(ConfigError, match=message):
+        check_compiler(cfg)
+    check_compiler(compose_cfg(["trainer.accelerator=cpu", "module.compile=false"], tmp_path))
+    check_compiler(compose_cfg(["trainer.accelerator=gpu"], tmp_path))
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", lambda: "g++")
+    check_compiler(cfg)

@@ -15,14 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, compose_cfg, run_script, synthetic_split
+from helpers import REPO, compose_cfg, config_model, run_script, synthetic_split
 from torch.utils.data import DistributedSampler
 
 from resnet_cifar.data.cifar10 import write_batches
 from resnet_cifar.data.datamodule import EpochShuffle
 from resnet_cifar.data.sharding import eval_sampler, train_sampler
 from resnet_cifar.errors import ConfigError
-from resnet_cifar.models.factory import build_model
 from resnet_cifar.training.optim import lr_scale
 
 N_TEST = 101  # odd: a padding DistributedSampler would count one test image twice
@@ -40,7 +39,7 @@ def weights_file(tmp_path_factory) -> Path:
     """A resnet20 state dict standing in for pretrained weights (CIFAR ResNets have none to download)."""
     torch.manual_seed(123)
     path = tmp_path_factory.mktemp("weights") / "resnet20.pt"
-    torch.save(build_model("resnet20").state_dict(), path)
+    torch.save(config_model().state_dict(), path)
     return path
 
 
@@ -48,6 +47,7 @@ def ddp_overrides(root: Path, run_dir: Path) -> list[str]:
     return [
         "trainer=ddp_cpu",
         "trainer.precision=32-true",  # compared with a single process and across a resume: fp32 on every CPU
+        "module.compile=false",  # compiling in each process costs a minute; compile has tests of its own
         f"data.root={root}",
         "data.strict_sizes=false",
         "data.val_size=99",  # odd too

@@ -12,12 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import compose_cfg, run_train, synthetic_overrides
+from helpers import compose_cfg, config_model, run_train, synthetic_overrides
 
 from resnet_cifar.cli import EXIT_TERMINATED
 from resnet_cifar.data.datamodule import EpochShuffle
 from resnet_cifar.data.loader import ResumableLoader
-from resnet_cifar.models.factory import build_model
 from resnet_cifar.run import train
 
 STEPS_PER_EPOCH = 8  # 400 training images / batch 50
@@ -29,7 +28,7 @@ def weights_file(tmp_path_factory) -> Path:
     """A 'pretrained' ResNet-20 to fine-tune from."""
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("weights") / "resnet20.pt"
-    torch.save(build_model("resnet20").state_dict(), path)
+    torch.save(config_model().state_dict(), path)
     return path
 
 

@@ -57,3 +57,26 @@ def test_report_views_come_from_the_same_call():
         off.load_state_dict(module.state_dict())
         assert off.tta_logits(x)[2] is None
         torch.testing.assert_close(off.predict_logits(x), plain, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("tta_val", [True, False])
+def test_validation_without_tta_sees_one_view_and_the_test_keeps_them_all(tta_val):
+    """module.tta_val=false (the default recipe): each validation batch goes through the network once, as
+    the plain images, so val/acc is the plain network's; the test step still averages the six views."""
+    module = _module(tta_flip=True, tta_translate=1, tta_val=tta_val)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    y = torch.tensor([0, 1, 2, 3])
+    calls = []
+    module.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
+    with torch.no_grad():
+        module.validation_step((x, y, torch.arange(4)), 0)
+        assert calls == [4 * 6 if tta_val else 4]
+        plain, full = module.model(x), module.predict_logits(x)
+        calls.clear()
+        module.test_step((x, y, torch.arange(4)), 0)
+        assert calls == [4 * 6]
+    seen = plain if not tta_val else full
+    expected = F.cross_entropy(seen, y)
+    torch.testing.assert_close(module.val_loss.compute(), expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(module.test_loss.compute(), F.cross_entropy(full, y), atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(plain, full, atol=1e-4)  # the two are told apart

@@ -60,9 +60,16 @@ def flat_metrics(report: dict[str, Any], prefix: str = "test/") -> dict[str, flo
     return out
 
 
+def tta_name(report: dict[str, Any]) -> str:
+    """The headline's test-time augmentation in words (``flip + 1-pixel translate TTA``, ``no TTA``)."""
+    shift = report.get("tta_translate", 0)
+    parts = (["flip"] if report.get("tta_flip") else []) + ([f"{shift}-pixel translate"] if shift else [])
+    return " + ".join(parts) + " TTA" if parts else "no TTA"
+
+
 def _markdown(report: dict[str, Any], pngs: dict[str, str], title: str) -> str:
     lines = [f"# {title}", ""]
-    lines += [f"{report['num_images']} images; flip TTA: {'on' if report['tta_flip'] else 'off'}.", ""]
+    lines += [f"{report['num_images']} images; top-1 and every figure with {tta_name(report)}.", ""]
     lines += ["| metric | value |", "|---|---|"]
     for k in SCALARS:
         if k in report:
@@ -186,7 +193,11 @@ def save_report(
     """
     if module.test_report is None:
         raise RuntimeError("no report was accumulated: call module.enable_report() before trainer.test()")
-    report = {**module.test_report, "tta_flip": bool(module.hparams.get("tta_flip", False))}
+    report = {
+        **module.test_report,
+        "tta_flip": bool(module.hparams.get("tta_flip", False)),
+        "tta_translate": int(module.hparams.get("tta_translate", 0)),
+    }
     loggers = list(trainer.loggers)
     own = not loggers and tb_dir is not None and options["loggers"]
     if own:

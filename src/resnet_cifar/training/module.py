@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from resnet_cifar.errors import WeightsError
+from resnet_cifar.errors import ConfigError, WeightsError
 from resnet_cifar.evaluation.calibration import TEMPERATURE_KEY, scaled_softmax
 from resnet_cifar.evaluation.metrics import ReportMetrics
 from resnet_cifar.models.factory import build_model
@@ -52,6 +52,9 @@ class ImageClassifier(pl.LightningModule):
         tta_translate: also average over the image shifted by this many pixels up-left and down-right
             (reflection padding; with ``tta_flip`` each shift and its mirror image), airbench94's
             "TTA level 2": weight 1/2 on the unshifted view(s), 1/4 on each shift. 0: off.
+        tta_val: apply that TTA at the validations during fitting too. False: they see the plain images
+            (one view instead of up to six: airbench94 evaluates so per epoch), so ``val/acc`` and the best
+            checkpoint's choice are without TTA; the test, the report and the temperature's fit keep it.
         compile: run the model through ``torch.compile`` (the compiled wrapper is not a submodule,
             so checkpoints keep the plain ``model.*`` keys).
         compile_mode: ``torch.compile``'s ``mode`` (``default``, ``reduce-overhead``: CUDA graphs, ...).
@@ -73,6 +76,7 @@ class ImageClassifier(pl.LightningModule):
         channels_last: bool = False,
         tta_flip: bool = False,
         tta_translate: int = 0,
+        tta_val: bool = True,
         compile: bool = False,
         compile_mode: str = "default",
         compile_dynamic: bool | None = False,
@@ -190,6 +194,21 @@ class ImageClassifier(pl.LightningModule):
         self.val_acc_best.reset()  # forget the sanity-check validation
         metric_state.restore(self, self._resumed_metric_states)  # a resumed run: where it stopped
         self._resumed_metric_states = None
+        self._check_resumed_schedule()
+
+    def _check_resumed_schedule(self) -> None:
+        """A resumed OneCycle keeps the checkpoint's length (torch's ``OneCycleLR`` stores ``total_steps``): a
+        run resumed with another ``trainer.max_epochs`` would fail mid-run past it (``Tried to step N times``)
+        or stop before its LR came down. Refused at the start instead, with what to do."""
+        planned = getattr(self, "_onecycle_steps", None)
+        restored = [_onecycle_steps(c.scheduler) for c in self.trainer.lr_scheduler_configs]
+        restored = next((n for n in restored if n is not None), None)
+        if planned is not None and restored is not None and restored != planned:
+            raise ConfigError(
+                f"ckpt_path: the checkpoint's OneCycle schedule is {restored} steps long, this run's {planned} "
+                "(another trainer.max_epochs or data size): resume with the checkpoint's settings, or train on "
+                "from its weights in a new run (model.weights_path=<ckpt>)"
+            )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # train/acc accumulates within an epoch: only a mid-epoch checkpoint carries it on (a save
@@ -219,18 +238,23 @@ class ImageClassifier(pl.LightningModule):
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
-    def _eval_step(self, batch, acc: MulticlassAccuracy, mean_loss: MeanMetric, report: bool = False) -> None:
+    def _eval_step(
+        self, batch, acc: MulticlassAccuracy, mean_loss: MeanMetric, report: bool = False, tta: bool = True
+    ) -> None:
         x, y, index = batch
         # test/acc, the loss and every number of the report come from these same fp32 logits, so the
         # report's top-1 is test/acc exactly.
-        headline, logits, flip = self.tta_logits(x, with_flip=report and self.report_metrics.tta)
+        if tta:
+            headline, logits, flip = self.tta_logits(x, with_flip=report and self.report_metrics.tta)
+        else:
+            headline, logits, flip = self(x).float(), None, None
         acc.update(headline, y)
         mean_loss.update(F.cross_entropy(headline, y, reduction="none"))
         if report:
             self.report_metrics.update(headline, y, index, logits, flip)
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, self.val_acc, self.val_loss)
+        self._eval_step(batch, self.val_acc, self.val_loss, tta=self.hparams.get("tta_val", True))
 
     def on_validation_epoch_end(self) -> None:
         acc = self.val_acc.compute()
@@ -289,6 +313,7 @@ class ImageClassifier(pl.LightningModule):
             max_epochs=self.trainer.max_epochs,
             time_progress=self._time_progress,
         )
+        self._onecycle_steps = _onecycle_steps(scheduler)  # before a resume restores the checkpoint's
         warmup = self.schedule.backbone_warmup_epochs
         if warmup and self.schedule.backbone_in_optimizer:
             self.trainer.estimated_stepping_batches  # noqa: B018 (sets up the train loader: its length)
@@ -322,3 +347,13 @@ class ImageClassifier(pl.LightningModule):
         module.trained_precision = ckpt.get(PRECISION_KEY)
         module.temperature = ckpt.get(TEMPERATURE_KEY)
         return module.to(map_location).eval(), dict(data_hp)
+
+
+def _onecycle_steps(scheduler: Any) -> int | None:
+    """``total_steps`` of a torch ``OneCycleLR`` (also inside a ``ChainedScheduler``), else None."""
+    if isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR):
+        return scheduler.total_steps
+    for inner in getattr(scheduler, "_schedulers", ()):
+        if isinstance(inner, torch.optim.lr_scheduler.OneCycleLR):
+            return inner.total_steps
+    return None

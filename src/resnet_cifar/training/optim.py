@@ -276,12 +276,10 @@ def build_scheduler(
     steps_per_epoch = total_steps / max_epochs if max_epochs and max_epochs > 0 else total_steps
     warmup = min(total_steps - 1, round(cfg.get("warmup_epochs", 0) * steps_per_epoch))
     if name == "onecycle":
-        pct = cfg.get("pct_start", 0.25)
-        if pct * total_steps <= 1:  # torch's OneCycleLR divides by zero there (its warm-up has no length)
-            raise ConfigError(
-                f"scheduler=onecycle with pct_start={pct} needs more than {math.floor(1 / pct)} steps, but this run "
-                f"has {total_steps}: train longer (trainer.max_epochs) or raise scheduler.pct_start"
-            )
+        if cfg.get("pct_start", 0.25) * total_steps <= 1:
+            # torch's OneCycleLR divides by zero when its warm-up is shorter than a step (a smoke run of a few
+            # steps under the default recipe): the same shape, drawn as under a time budget
+            return torch.optim.lr_scheduler.LambdaLR(optimizer, _onecycle_shape(cfg, total_steps))
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer,
             max_lr=[g["lr"] for g in optimizer.param_groups],
@@ -310,19 +308,11 @@ def _time_shape(cfg: dict[str, Any]) -> WarmupDecay:
     """The multiplier of a time-budget schedule over :data:`TIME_STEPS` virtual steps.
 
     torch's ``OneCycleLR`` counts real steps, so under a time budget ``onecycle`` is drawn
-    by :class:`WarmupDecay` with the same shape: from ``1/div_factor`` up to 1 over
-    ``pct_start``, then down to ``1/(div_factor * final_div_factor)`` (linear or cosine).
+    with the same shape by :func:`_onecycle_shape`.
     """
     name = cfg["name"]
     if name == "onecycle":
-        div = cfg.get("div_factor", 25.0)
-        return WarmupDecay(
-            TIME_STEPS,
-            round(cfg.get("pct_start", 0.25) * TIME_STEPS),
-            kind="linear" if cfg.get("anneal_strategy", "linear") == "linear" else "cosine",
-            min_lr_ratio=1 / (div * cfg.get("final_div_factor", 1e4)),
-            warmup_start=1 / div,
-        )
+        return _onecycle_shape(cfg, TIME_STEPS)
     return WarmupDecay(
         TIME_STEPS,
         0,
@@ -330,6 +320,19 @@ def _time_shape(cfg: dict[str, Any]) -> WarmupDecay:
         milestones=cfg.get("milestones", ()),
         gamma=cfg.get("gamma", 0.1),
         min_lr_ratio=cfg.get("min_lr_ratio", 0.0),
+    )
+
+
+def _onecycle_shape(cfg: dict[str, Any], steps: int) -> WarmupDecay:
+    """OneCycle's multiplier over ``steps``, drawn by :class:`WarmupDecay`: from ``1/div_factor`` up to 1
+    over ``pct_start``, then down to ``1/(div_factor * final_div_factor)`` (linear or cosine)."""
+    div = cfg.get("div_factor", 25.0)
+    return WarmupDecay(
+        steps,
+        round(cfg.get("pct_start", 0.25) * steps),
+        kind="linear" if cfg.get("anneal_strategy", "linear") == "linear" else "cosine",
+        min_lr_ratio=1 / (div * cfg.get("final_div_factor", 1e4)),
+        warmup_start=1 / div,
     )
 
 
