@@ -24,6 +24,7 @@ from resnet_cifar.plain import to_dict
 from resnet_cifar.progress import trainer_progress
 from resnet_cifar.schema import DataSchema, check_against
 from resnet_cifar.sweeps import in_multirun
+from resnet_cifar.training.budget import BudgetTimer
 from resnet_cifar.training.checkpointing import atomic_torch_save, resolve_ckpt_path
 from resnet_cifar.training.module import ImageClassifier
 from resnet_cifar.training.precision import apply_auto_precision
@@ -119,6 +120,17 @@ def temperature_scaling(cfg: DictConfig, stored: float | None = None) -> Tempera
     return TemperatureScaling(stored) if report and report.get("calibrate", True) else None
 
 
+def budget_timer(cfg: DictConfig) -> BudgetTimer | None:
+    """The Timer of ``trainer.max_time`` (None without one), over training or the whole command (``budget``)."""
+    max_time = cfg.trainer.get("max_time")
+    if not max_time:
+        return None
+    budget = to_dict(cfg.get("budget") or {})
+    return BudgetTimer(
+        to_dict(max_time) if not isinstance(max_time, str) else max_time, test=cfg.get("test", True), **budget
+    )
+
+
 def store_temperature(path: str | Path, temperature: float) -> None:
     """Write the fitted temperature into the checkpoint it was fitted for (atomically: the file stays whole)."""
     ckpt = safe_load(path, "ckpt_path")
@@ -193,6 +205,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     scaling = temperature_scaling(cfg)  # fits the temperature at the start of the test (evaluation/calibration.py)
     if scaling is not None:
         callbacks = [*callbacks, scaling]
+    timer = budget_timer(cfg)  # in the callbacks, Lightning adds no Timer of its own
+    if timer is not None:
+        callbacks = [*callbacks, timer]
     # Before the hyperparameters are logged: they show the precision that runs, not "auto".
     trainer, precision = build_trainer(cfg.trainer, callbacks, logger=loggers or False, plugins=plugins or None)
     failed = True
@@ -218,6 +233,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             ckpt = best if best else None
             if ckpt is None:
                 log.warning("No best checkpoint was saved; testing the weights at the end of training")
+            if scaling is not None and ckpt:  # the last validation's logits, when they are the tested weights'
+                scaling.reuse(module.validation_logits_of(ckpt))
             if cfg.get("report"):  # accumulated in the test loop, over every process's share
                 module.enable_report(to_dict(cfg.report))
             results = trainer.test(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)

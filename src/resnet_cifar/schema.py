@@ -195,11 +195,19 @@ class ModuleSchema:
     channels_last: bool = f()
     tta_flip: bool = f()
     tta_translate: int = f(check=_rng(0, 8))
-    tta_val: bool = f()
+    tta_val: bool | str = f(check=((lambda v: v is True or v is False or v == "last"), "true, false or last"))
+    eval_chunk: int = f(check=NON_NEGATIVE)
     compile: bool = f()
     compile_mode: str = f(check=_choice("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
     compile_dynamic: bool | None = f()
     lr_scaling: str = f(check=_choice(*LR_SCALING))
+
+
+@dataclass
+class BudgetSchema:
+    whole_command: bool = f()
+    safety: float = f(check=_rng(1, 10))
+    fixed_s: float = f(check=_rng(0, 3600))
 
 
 @dataclass
@@ -217,6 +225,7 @@ class TrainSchema:
     optimizer: OptimizerSchema = f()
     scheduler: SchedulerSchema = f()
     module: ModuleSchema = f()
+    budget: BudgetSchema = f()
     # Free-form groups: instantiated objects (``_target_`` entries) and paths.
     trainer: dict = f()
     callbacks: dict | None = f()

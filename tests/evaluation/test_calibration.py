@@ -10,7 +10,7 @@ import pytest
 import torch
 from torchmetrics.classification import MulticlassCalibrationError
 
-from resnet_cifar.evaluation.calibration import fit_temperature, nll, scaled_softmax
+from resnet_cifar.evaluation.calibration import TEMPERATURE_KEY, fit_temperature, nll, scaled_softmax
 from resnet_cifar.evaluation.figures import reliability_figure
 from resnet_cifar.evaluation.metrics import ReportMetrics
 
@@ -94,3 +94,45 @@ def test_the_reliability_figure_draws_both_curves():
     assert f"{r['ece_calibrated']:.4f}" in ax.get_title() and f"{r['ece']:.4f}" in ax.get_title()
     raw_only = reliability_figure(r["reliability"], r["ece"]).axes[0]
     assert "after temperature scaling" not in " ".join(line.get_label() for line in raw_only.get_lines())
+
+
+def test_the_temperature_from_the_last_validations_logits_equals_a_refit(synthetic_root, tmp_path):
+    """module.tta_val=last: the validation that ends the fit sees the test's views, and its logits are the ones
+    the temperature is fitted on (no second pass over the validation split). On the same checkpoint, a refit
+    from a pass of its own (eval.py on a copy without the stored temperature) gives the same temperature to
+    the last bit, and the same test and report numbers."""
+    from helpers import compose_cfg, synthetic_overrides
+
+    from resnet_cifar.models.weights import safe_load
+    from resnet_cifar.run import evaluate, train
+    from resnet_cifar.training.checkpointing import atomic_torch_save
+
+    run = tmp_path / "run"
+    overrides = [
+        *synthetic_overrides(synthetic_root),
+        "model=resnet9",
+        "model.widths=[8,16,32,64]",
+        "module.tta_val=last",
+        "module.eval_chunk=64",
+        "callbacks.model_checkpoint.monitor=null",  # the last epoch's weights are the tested ones
+        "logger=none",
+    ]
+    metrics = train(compose_cfg(overrides, run))
+    assert metrics["report"]["calibration"]["logits"] == "the fit's last validation"
+    ckpt = safe_load(metrics["best_ckpt"], "ckpt_path")
+    stored = ckpt.pop(TEMPERATURE_KEY)
+    assert stored == metrics["report"]["temperature"]
+    bare = tmp_path / "bare.ckpt"
+    atomic_torch_save(ckpt, bare)  # the same weights, no temperature: eval.py fits one on a pass of its own
+    eval_cfg = compose_cfg(
+        [f"ckpt_path={bare}", f"data.root={synthetic_root}", "data.eval_batch_size=100", "trainer.accelerator=cpu"],
+        tmp_path / "eval",
+        config_name="eval",
+    )
+    refit = evaluate(eval_cfg)
+    assert refit["report"]["calibration"]["logits"] == "a validation pass at the test's start"
+    assert refit["report"]["temperature"] == stored  # to the last bit
+    for key in ("test/acc", "test/loss", "test/ece", "test/nll", "test/ece_calibrated", "test/nll_calibrated"):
+        assert refit[key] == metrics[key], key
+    for key in ("val_nll", "val_nll_calibrated"):
+        assert refit["report"]["calibration"][key] == metrics["report"]["calibration"][key], key

@@ -80,3 +80,37 @@ def test_validation_without_tta_sees_one_view_and_the_test_keeps_them_all(tta_va
     torch.testing.assert_close(module.val_loss.compute(), expected, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(module.test_loss.compute(), F.cross_entropy(full, y), atol=1e-5, rtol=1e-4)
     assert not torch.allclose(plain, full, atol=1e-4)  # the two are told apart
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        {"name": "resnet9", "widths": [8, 16, 32, 64]},
+        {"name": "resnet20"},
+        # the CPU presets' network: whitening stem, GELU, conv tails (conf/experiment/fast94.yaml)
+        {"name": "resnet9", "widths": [24, 16, 32, 64], "stem": "whiten", "tails": ["conv", "conv", "conv"],
+         "activation": "gelu", "pool_before_bn": True, "bn_scale_trainable": False},
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_chunked_evaluation_gives_the_one_calls_logits(model, precision):
+    """module.eval_chunk splits the views' concatenation into calls of that many images on a CPU: in fp32 the
+    logits are the one call's to the last bit (each image's logits depend on it alone in eval mode), under
+    bf16 autocast equal up to bf16's rounding. The calls are those chunks: 6 views x 30 images in calls of 64."""
+    torch.manual_seed(0)
+    kw = dict(optimizer={"name": "sgd", "lr": 0.1}, scheduler={"name": "none"}, tta_flip=True, tta_translate=1)
+    one = ImageClassifier(model=model, channels_last=True, eval_chunk=0, **kw).eval()
+    chunked = ImageClassifier(model=model, channels_last=True, eval_chunk=64, **kw).eval()
+    chunked.load_state_dict(one.state_dict())
+    x = torch.randn(30, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    calls = []
+    chunked.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    with torch.inference_mode(), torch.autocast("cpu", dtype=dtype, enabled=precision == "bf16"):
+        expected, got = one.predict_logits(x), chunked.predict_logits(x)
+    assert calls == [64, 64, 52]
+    assert got.dtype == torch.float32
+    if precision == "fp32":
+        assert torch.equal(got, expected)
+    else:  # bf16 outputs: at most a rounding step of bf16 apart (2^-8 relative), averaged over the views
+        torch.testing.assert_close(got, expected, rtol=2**-7, atol=2**-7 * expected.abs().max().item())

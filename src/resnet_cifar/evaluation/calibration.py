@@ -81,8 +81,12 @@ def fit_temperature(logits: torch.Tensor, target: torch.Tensor, max_iter: int = 
     return fitted
 
 
-class _Logits(Metric):
-    """The logits and labels of one pass, gathered from every process (``cat`` states)."""
+class Logits(Metric):
+    """The logits and labels of one pass, gathered from every process (``cat`` states).
+
+    Each batch's logits are copied: under CUDA graphs (``module.compile_mode=reduce-overhead``) an fp32
+    output is the graph's buffer, which the next replay overwrites.
+    """
 
     full_state_update = False
 
@@ -92,8 +96,8 @@ class _Logits(Metric):
         self.add_state("target", [], dist_reduce_fx="cat")
 
     def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
-        self.logits.append(logits.float())
-        self.target.append(target.long())
+        self.logits.append(logits.detach().to(torch.float32, copy=True))
+        self.target.append(target.detach().to(torch.long, copy=True))
 
     def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
         def cat(x: Any) -> torch.Tensor:
@@ -125,6 +129,13 @@ class TemperatureScaling(pl.Callback):
         self.stored = stored
         self.temperature: float | None = None
         self.note: dict[str, Any] = {}
+        self.computed: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def reuse(self, logits_and_target: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        """Fit on these validation ``(logits, labels)`` of the weights about to be tested (the fit's last
+        validation: :meth:`~resnet_cifar.training.module.ImageClassifier.validation_logits_of`) instead of a
+        pass over the validation split at the test's start. None: that pass."""
+        self.computed = logits_and_target
 
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.stored is not None:
@@ -144,7 +155,9 @@ class TemperatureScaling(pl.Callback):
             self.temperature, self.note = None, {"skipped": reason}
             apply_temperature(pl_module, None, self.note)
             return
-        logits, target = self._validation_logits(trainer, pl_module)
+        reused = self.computed is not None
+        logits, target = self.computed if reused else self._validation_logits(trainer, pl_module)
+        self.computed = None  # one test
         fitted = fit_temperature(logits, target) if trainer.is_global_zero else 1.0
         self.temperature = float(trainer.strategy.broadcast(fitted))  # rank 0's, on every rank
         before, after = nll(logits, target), nll(logits, target, self.temperature)
@@ -153,10 +166,11 @@ class TemperatureScaling(pl.Callback):
             "source": f"fitted on the validation split ({len(target)} images)",
             "val_nll": before,
             "val_nll_calibrated": after,
+            "logits": "the fit's last validation" if reused else "a validation pass at the test's start",
         }
         log.info(
-            "temperature scaling: T=%.4f fitted on %d validation images (validation NLL %.4f -> %.4f)",
-            self.temperature, len(target), before, after,
+            "temperature scaling: T=%.4f fitted on %d validation images (validation NLL %.4f -> %.4f; logits of %s)",
+            self.temperature, len(target), before, after, self.note["logits"],
         )  # fmt: skip
         apply_temperature(pl_module, self.temperature, self.note)
 
@@ -165,7 +179,7 @@ class TemperatureScaling(pl.Callback):
         """The logits the model predicts with (``predict_logits``: flip TTA included) on this process's share
         of the validation split (as many batches as the run validates: ``trainer.limit_val_batches``), batched
         and transformed as the test loop's batches, gathered from all."""
-        store = _Logits().to(module.device)
+        store = Logits().to(module.device)
         loader = trainer.datamodule.val_dataloader()  # un-padded shards under DDP (data/sharding.py)
         limit = trainer.limit_val_batches
         n = min(len(loader), limit) if isinstance(limit, int) else max(1, int(len(loader) * limit))

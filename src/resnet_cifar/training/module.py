@@ -13,7 +13,7 @@ from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from resnet_cifar.errors import ConfigError, WeightsError
-from resnet_cifar.evaluation.calibration import TEMPERATURE_KEY, scaled_softmax
+from resnet_cifar.evaluation.calibration import TEMPERATURE_KEY, Logits, scaled_softmax
 from resnet_cifar.evaluation.metrics import ReportMetrics
 from resnet_cifar.models.factory import build_model
 from resnet_cifar.models.weights import safe_load
@@ -55,6 +55,13 @@ class ImageClassifier(pl.LightningModule):
         tta_val: apply that TTA at the validations during fitting too. False: they see the plain images
             (one view instead of up to six: airbench94 evaluates so per epoch), so ``val/acc`` and the best
             checkpoint's choice are without TTA; the test, the report and the temperature's fit keep it.
+            ``"last"``: plain images, except the validation that ends the fit (the time budget spent, the
+            last epoch) which has the TTA: its logits are those the temperature is fitted on, so the test
+            does not compute them again (the budget presets: cheap validations, no pass done twice).
+        eval_chunk: images per forward pass at evaluation on a CPU (the TTA's views of a batch are one
+            concatenation): a few hundred keep the activations in cache where one call of 6,000 images
+            (1,000 x 6 views) spills them (``bench/eval_speed.py``). 0: one call. CUDA always makes one
+            call: its kernels fill the device better, and under CUDA graphs one output per step.
         compile: run the model through ``torch.compile`` (the compiled wrapper is not a submodule,
             so checkpoints keep the plain ``model.*`` keys).
         compile_mode: ``torch.compile``'s ``mode`` (``default``, ``reduce-overhead``: CUDA graphs, ...).
@@ -76,7 +83,8 @@ class ImageClassifier(pl.LightningModule):
         channels_last: bool = False,
         tta_flip: bool = False,
         tta_translate: int = 0,
-        tta_val: bool = True,
+        tta_val: bool | str = True,
+        eval_chunk: int = 0,
         compile: bool = False,
         compile_mode: str = "default",
         compile_dynamic: bool | None = False,
@@ -107,6 +115,11 @@ class ImageClassifier(pl.LightningModule):
         # torchmetrics 1.9, drops any weight passed, so none is).
         self.val_loss, self.test_loss = MeanMetric(nan_strategy="disable"), MeanMetric(nan_strategy="disable")
         self.val_acc_best = MaxMetric()
+        # The logits of a validation that saw the test's views (predict_logits), kept for the temperature's fit
+        # (validation_logits_of); None: the last validation did not (plain views, or the sanity check).
+        self.val_logits = Logits()
+        self._val_logits_step: int | None = None
+        self._val_tta = tta_val is True  # set per validation by on_validation_epoch_start
         self._resumed_metric_states: dict | None = None
         # The evaluation report's metrics, updated in the test loop once enable_report() was called.
         self.report_metrics: ReportMetrics | None = None
@@ -158,13 +171,34 @@ class ImageClassifier(pl.LightningModule):
             h, w = x.shape[-2:]
             shifted = [padded[..., :h, :w], padded[..., 2 * shift :, 2 * shift :]]
             views += shifted + ([v.flip(-1) for v in shifted] if flip else [])
-        out = self(torch.cat(views) if len(views) > 1 else x).float().chunk(len(views))
+        out = self.eval_forward(torch.cat(views) if len(views) > 1 else x).chunk(len(views))
         plain, mirrored = out[0], (out[1] if flip or with_flip else None)
         headline = (plain + mirrored) / 2 if flip else plain
         if shift:
             first_shift = 2 if flip or with_flip else 1
             headline = (headline + torch.stack(out[first_shift:]).mean(0)) / 2
         return headline, plain, mirrored
+
+    def eval_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of ``x`` in eval mode: in calls of ``eval_chunk`` images on a CPU, one call elsewhere.
+
+        Each image's logits do not depend on the others in the call (batch norm in eval mode), so the
+        chunks give the one call's numbers (tests/training/test_tta.py checks the bits).
+        """
+        chunk = self.hparams.get("eval_chunk", 0)
+        if chunk and x.device.type == "cpu" and len(x) > chunk:
+            return torch.cat([self(part).float() for part in x.split(chunk)])
+        return self(x).float()
+
+    def eval_views(self, tta: bool = True) -> int:
+        """Forward passes per image of an evaluation: 1 plain, 2 with flip, 3 or 6 with translate."""
+        if not tta:
+            return 1
+        flip, shift = bool(self.hparams.tta_flip), bool(self.hparams.get("tta_translate", 0))
+        return (2 if flip else 1) * (3 if shift else 1)
+
+    def has_tta(self) -> bool:
+        return self.eval_views() > 1
 
     def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Eval-time fp32 logits with the model's TTA (``tta_flip``, ``tta_translate``), as :meth:`_eval_step`."""
@@ -240,28 +274,64 @@ class ImageClassifier(pl.LightningModule):
 
     def _eval_step(
         self, batch, acc: MulticlassAccuracy, mean_loss: MeanMetric, report: bool = False, tta: bool = True
-    ) -> None:
+    ) -> torch.Tensor:
         x, y, index = batch
         # test/acc, the loss and every number of the report come from these same fp32 logits, so the
         # report's top-1 is test/acc exactly.
         if tta:
             headline, logits, flip = self.tta_logits(x, with_flip=report and self.report_metrics.tta)
         else:
-            headline, logits, flip = self(x).float(), None, None
+            headline, logits, flip = self.eval_forward(x), None, None
         acc.update(headline, y)
         mean_loss.update(F.cross_entropy(headline, y, reduction="none"))
         if report:
             self.report_metrics.update(headline, y, index, logits, flip)
+        return headline
+
+    def on_validation_epoch_start(self) -> None:
+        mode = self.hparams.get("tta_val", True)
+        self._val_tta = mode is True or (mode == "last" and self._validation_ends_fit())
+        self.val_logits.reset()
+        self._val_logits_step = None
+
+    def _validation_ends_fit(self) -> bool:
+        """Whether this validation is the fit's last: the budget is spent (the Timer stopped training), or the
+        last epoch (or step) is done. ``trainer.validate`` is an evaluation: True."""
+        trainer = self.trainer
+        if trainer.sanity_checking:
+            return False
+        if trainer.state.fn != "fit" or trainer.should_stop:
+            return True
+        if 0 <= trainer.max_steps <= trainer.global_step:
+            return True
+        last_epoch = trainer.max_epochs is not None and 0 <= trainer.max_epochs <= trainer.current_epoch + 1
+        return last_epoch and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, self.val_acc, self.val_loss, tta=self.hparams.get("tta_val", True))
+        headline = self._eval_step(batch, self.val_acc, self.val_loss, tta=self._val_tta)
+        if self._val_tta or not self.has_tta():  # the logits predict_logits gives: the temperature's input
+            self.val_logits.update(headline, batch[1])
 
     def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking and (self._val_tta or not self.has_tta()):
+            self._val_logits_step = self.global_step
         acc = self.val_acc.compute()
         self.val_acc_best(acc)
         self.log("val/acc", self.val_acc, prog_bar=True)
         self.log("val/loss", self.val_loss)
         self.log("val/acc_best", self.val_acc_best.compute(), sync_dist=True)  # equal on all ranks already
+
+    def validation_logits_of(self, ckpt_path: str | Path) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(logits, labels)`` of the fit's last validation when they are what :meth:`predict_logits` gives
+        for the weights in ``ckpt_path`` (saved at that validation's step, as the best checkpoint of a run
+        whose last validation chose it), gathered from every process; else None. Under DDP every rank calls
+        it (the gather is a collective)."""
+        if self._val_logits_step is None:
+            return None
+        saved_at = safe_load(ckpt_path, "ckpt_path").get("global_step")
+        if saved_at != self._val_logits_step:
+            return None
+        return self.val_logits.compute()
 
     def enable_report(self, options: dict[str, Any]) -> None:
         """Accumulate the evaluation report in the next test loop (see :class:`ReportMetrics`)."""

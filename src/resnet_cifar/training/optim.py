@@ -213,10 +213,12 @@ def budget_progress(trainer: Any) -> Callable[[int], float]:
     remaining = timer.time_remaining() if timer is not None else None
     if remaining is None:
         raise ConfigError(NEEDS_MAX_TIME)
-    duration = remaining + timer.time_elapsed()
+    fixed = remaining + timer.time_elapsed()
+    # a BudgetTimer's training time moves with the reserve it measures (training/budget.py): read at each step
+    duration = getattr(timer, "training_budget", lambda: fixed)
 
     def local(step: int = 0) -> float:
-        return min(1.0, timer.time_elapsed() / duration)
+        return min(1.0, timer.time_elapsed() / max(duration(), 1e-9))
 
     if getattr(trainer, "world_size", 1) == 1:
         return local
