@@ -92,6 +92,17 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
         return y.reshape(b, c, h, w)
 
 
+class GlobalMaxPool(nn.Module):
+    """``(B, C, H, W) -> (B, C)``: the maximum over each map, as ``AdaptiveMaxPool2d(1)`` then ``Flatten``.
+
+    Written as ``amax``: ``adaptive_max_pool2d`` has no deterministic CUDA backward, so
+    ``trainer.deterministic=true`` (``torch.use_deterministic_algorithms``) would fail on a GPU; amax's has.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.amax((-2, -1))
+
+
 class ConvBlock(nn.Sequential):
     """3x3 conv (no bias), batch norm, activation; with ``pool``, a 2x2 max-pool before or after BN + act."""
 
@@ -209,7 +220,7 @@ class ResNet9(nn.Module):
         self.layer2 = layer(w1, w2, tails[1])
         self.layer3 = layer(w2, w3, tails[2])
         # Page's MaxPool2d(4) on the 4x4 map of a 32x32 input; adaptive, so larger inputs work too
-        self.pool = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten())
+        self.pool = GlobalMaxPool()
         self.output_scale = float(output_scale)
         self.out_features = w3
         if dirac_init:
@@ -251,4 +262,4 @@ def conv_flops(widths: Sequence[int], stem: str = "conv", tails: Sequence[str] =
     return total
 
 
-__all__ = ["ResNet9", "PatchWhitening", "GhostBatchNorm2d", "conv_flops"]
+__all__ = ["ResNet9", "PatchWhitening", "GhostBatchNorm2d", "GlobalMaxPool", "conv_flops"]
