@@ -276,7 +276,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     auto = checkpoint_auto(module.trained_precision, cfg.trainer.get("accelerator", "auto"))
     # a stored temperature is applied as it is (the training run's numbers); without one it is fitted here
     scaling = temperature_scaling(cfg, module.temperature)
-    trainer, precision = build_trainer(cfg.trainer, [scaling] if scaling else [], auto=auto, logger=False)
+    from resnet_cifar.training.progress_bar import TrainProgressBar
+
+    callbacks = [TrainProgressBar(), *([scaling] if scaling else [])]  # the bar on stderr, not Lightning's on stdout
+    trainer, precision = build_trainer(cfg.trainer, callbacks, auto=auto, logger=False)
     if cfg.get("report"):
         module.enable_report(to_dict(cfg.report))
     results = trainer.test(module, datamodule=datamodule)
