@@ -26,7 +26,7 @@ from resnet_cifar.data import cifar10
 from resnet_cifar.errors import ConfigError, DataError
 from resnet_cifar.inference import predict
 from resnet_cifar.progress import ENV, show_progress, trainer_progress
-from resnet_cifar.run import train
+from resnet_cifar.run import evaluate, train
 from resnet_cifar.training.module import ImageClassifier
 
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
@@ -85,8 +85,9 @@ def test_training_bar_shows_the_loss_without_a_per_step_progress_bar_metric(
     BarSpy.seen.clear()
     capsys.readouterr()
     train(compose_cfg(overrides, tmp_path))
-    bar = capsys.readouterr().out  # Lightning's bar writes to stdout
-    assert "loss=" in bar, bar[-2000:]
+    out, err = capsys.readouterr()
+    assert "loss=" in err and "Epoch 0" in err, err[-2000:]  # on stderr, as every bar of the project
+    assert "Epoch 0" not in out and "it/s" not in out and "Validation" not in out, out[-2000:]
     assert len(BarSpy.seen) == 8 and not any("train/loss" in m for m in BarSpy.seen)  # 400 images / 50
 
 
@@ -251,3 +252,14 @@ def test_sweep_summary_command_says_where_the_sweep_stands(tmp_path, capsys, mon
     monkeypatch.setenv(ENV, "auto")
     assert sweeps.main([str(sweep)]) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_eval_bar_goes_to_stderr(ckpt, synthetic_root, tmp_path, capsys, monkeypatch):
+    """eval.py's test bar is on stderr with the training bars; stdout keeps the results."""
+    monkeypatch.setenv(ENV, "1")
+    overrides = [f"ckpt_path={ckpt}", f"data.root={synthetic_root}", "trainer.precision=32-true", "report=none"]
+    capsys.readouterr()
+    evaluate(compose_cfg([*overrides, "trainer.accelerator=cpu"], tmp_path, "eval"))
+    out, err = capsys.readouterr()
+    assert "Testing" in err, err[-2000:]
+    assert "Testing" not in out and "it/s" not in out, out[-2000:]

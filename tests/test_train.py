@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 import yaml
 from helpers import compose_cfg, run_script, synthetic_overrides
@@ -305,19 +306,34 @@ def test_resume_from_a_file_that_is_not_a_checkpoint(tmp_path, synthetic_root):
     assert proc.returncode == 2
 
 
+class TrainerSpy(pl.Callback):
+    """Records the Trainer's callbacks and loggers as training starts."""
+
+    seen: dict[str, list] = {}
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        TrainerSpy.seen.update(callbacks=[type(c).__name__ for c in trainer.callbacks], loggers=list(trainer.loggers))
+
+
 def test_runs_without_a_logger(synthetic_root, tmp_path):
-    """logger=none: no TensorBoard events, and the LR monitor (which needs a logger) is dropped."""
+    """logger=none: the Trainer has no logger (not even Lightning's default) and no logger writes a file, and the
+    configured LR monitor (which needs a logger) is dropped."""
     from resnet_cifar.run import train
 
     cfg = compose_cfg(
         [*synthetic_overrides(synthetic_root), "logger=none", "report=none", "trainer.max_epochs=1"]
-        + ["scheduler=cosine", "scheduler.warmup_epochs=0"],
-        tmp_path,
+        + ["scheduler=cosine", "scheduler.warmup_epochs=0", "+callbacks.spy._target_=test_train.TrainerSpy"],
+        tmp_path / "run",
     )
-    metrics = train(cfg)
-    assert 0.0 <= metrics["test/acc"] <= 1.0
-    assert not (tmp_path / "tensorboard").exists()
-    assert (tmp_path / "metrics.json").is_file()
+    assert cfg.callbacks.lr_monitor is not None  # configured, so dropping it is tested
+    TrainerSpy.seen.clear()
+    train(cfg)
+    assert "TrainerSpy" in TrainerSpy.seen["callbacks"] and "LearningRateMonitor" not in TrainerSpy.seen["callbacks"]
+    assert TrainerSpy.seen["loggers"] == []
+    written = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")}
+    logger_names = ("tensorboard", "lightning_logs", "wandb", "mlflow", "mlruns", "events.out.tfevents", ".csv")
+    assert not [p for p in written if any(name in p for name in logger_names)], sorted(written)
+    assert "run/metrics.json" in written
 
 
 def test_a_run_without_the_optimized_metric_warns_outside_a_sweep(tmp_path, caplog):

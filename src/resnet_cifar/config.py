@@ -6,6 +6,8 @@ bad value and what is allowed.
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -131,19 +133,35 @@ def check_combinations(cfg: DictConfig) -> None:
         )
 
 
-def check_compiler(cfg: DictConfig) -> None:
-    """``module.compile`` on a CPU needs a C++ compiler: inductor builds its CPU kernels with one.
+def c_compiler() -> str | None:
+    """The C compiler Triton builds its launchers with (``triton.runtime.build``): ``$CC``, else gcc, else clang."""
+    if os.environ.get("CC"):
+        return shutil.which(os.environ["CC"])
+    return shutil.which("gcc") or shutil.which("clang")
 
-    Without it torch fails at the first training step with a long traceback (``InvalidCxxCompiler``);
-    this asks torch's own compiler search (``get_cpp_compiler``, which honours ``$CXX``) before anything
-    loads. On a GPU inductor writes Triton kernels, and no check is made.
+
+def check_compiler(cfg: DictConfig) -> None:
+    """``module.compile`` needs a compiler on the machine: torch fails at the first training step without one.
+
+    On a CPU inductor builds its kernels with a C++ compiler: this asks torch's own search (``get_cpp_compiler``,
+    which honours ``$CXX``) instead of a long ``InvalidCxxCompiler`` traceback. On CUDA inductor writes Triton
+    kernels, and Triton builds their launcher with a C compiler: ``$CC``, else gcc or clang on the PATH (its
+    own search, ``triton.runtime.build``). Both are asked before anything loads.
     """
     if not cfg.get("module", {}).get("compile"):
         return
     accelerator = str(cfg.trainer.get("accelerator", "auto"))
     import torch
 
-    if accelerator not in ("cpu", "auto") or (accelerator == "auto" and torch.cuda.is_available()):
+    cuda = accelerator == "cuda" or (accelerator in ("gpu", "auto") and torch.cuda.is_available())
+    if cuda:
+        if not c_compiler():
+            raise ConfigError(
+                "module.compile=true on CUDA needs a C compiler (Triton builds its kernel launcher with one) "
+                "and none was found (gcc, clang, or $CC): install one, or set module.compile=false"
+            )
+        return
+    if accelerator not in ("cpu", "auto"):
         return
     try:
         from torch._inductor.cpp_builder import get_cpp_compiler

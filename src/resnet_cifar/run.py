@@ -287,12 +287,16 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     overrides = {k: cfg[k] for k in ("tta_flip", "tta_translate") if cfg.get(k) is not None}
     module, data_hp = ImageClassifier.load_trained(cfg.ckpt_path, **overrides)
     datamodule = build_datamodule({**data_hp, **to_dict(cfg.data)})
-    # auto: the precision the checkpoint was trained and tested with, so that eval.py repeats its numbers
-    trained = module.trained_precision
-    auto = (trained, "as the checkpoint was trained and tested") if trained else None
+    from resnet_cifar.training.precision import checkpoint_auto
+
+    # auto: the checkpoint's precision where this device runs it natively (eval.py repeats its numbers)
+    auto = checkpoint_auto(module.trained_precision, cfg.trainer.get("accelerator", "auto"))
     # a stored temperature is applied as it is (the training run's numbers); without one it is fitted here
     scaling = temperature_scaling(cfg, module.temperature)
-    trainer, precision = build_trainer(cfg.trainer, [scaling] if scaling else [], auto=auto, logger=False)
+    from resnet_cifar.training.progress_bar import TrainProgressBar
+
+    callbacks = [TrainProgressBar(), *([scaling] if scaling else [])]  # the bar on stderr, not Lightning's on stdout
+    trainer, precision = build_trainer(cfg.trainer, callbacks, auto=auto, logger=False)
     if cfg.get("report"):
         module.enable_report(to_dict(cfg.report))
     results = trainer.test(module, datamodule=datamodule)

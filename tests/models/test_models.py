@@ -183,3 +183,57 @@ def test_partial_files_are_refused_with_the_missing_keys(tmp_path):
     torch.save(source.state_dict(), path)
     with pytest.raises(WeightsError, match=r"missing from the file: backbone.layer1.2"):
         build_model("resnet34", weights_path=str(path))
+
+
+# torch.use_deterministic_algorithms's documented CUDA ops without a deterministic backward, as the
+# modules that run them: none may sit in a zoo model, or trainer.deterministic=true fails on a GPU.
+NONDETERMINISTIC_CUDA_BACKWARD = (
+    torch.nn.AdaptiveAvgPool3d,
+    torch.nn.AdaptiveMaxPool2d,
+    torch.nn.FractionalMaxPool2d,
+    torch.nn.FractionalMaxPool3d,
+    torch.nn.MaxUnpool1d,
+    torch.nn.MaxUnpool2d,
+    torch.nn.MaxUnpool3d,
+    torch.nn.Upsample,  # its linear, bilinear, bicubic and trilinear modes
+    torch.nn.UpsamplingBilinear2d,
+    torch.nn.ReflectionPad3d,
+    torch.nn.ReplicationPad1d,
+    torch.nn.ReplicationPad2d,
+    torch.nn.ReplicationPad3d,
+    torch.nn.NLLLoss,  # NLLLoss2d's
+    torch.nn.EmbeddingBag,
+    torch.nn.CTCLoss,
+)
+ZOO = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "conf" / "model").glob("*.yaml"))
+TINY_WIDTHS = {"resnet9": "[8,16,32,64]", "airbench94": "[24,16,32,64]"}  # the whitening stem's 24 channels
+
+
+@pytest.mark.parametrize("preset", ZOO)
+def test_every_zoo_model_trains_under_deterministic_algorithms(preset):
+    """trainer.deterministic=true makes Lightning call torch.use_deterministic_algorithms(True): a step of
+    every model=<preset> runs under it, and none holds a module whose CUDA backward would refuse it."""
+    from helpers import config_model
+
+    widths = [f"model.widths={TINY_WIDTHS[preset]}"] if preset in TINY_WIDTHS else []
+    model = config_model(f"model={preset}", *widths).train()
+    refused = [n for n, m in model.named_modules() if isinstance(m, NONDETERMINISTIC_CUDA_BACKWARD)]
+    assert not refused, f"{preset}: no deterministic CUDA backward in {refused}"
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        torch.nn.functional.cross_entropy(model(torch.randn(4, 3, 32, 32)), torch.arange(4)).backward()
+        optimizer.step()
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_resnet9_global_pool_is_adaptive_max_pooling():
+    """The amax pool computes AdaptiveMaxPool2d(1) + Flatten, and has no state of its own (same state_dict)."""
+    from resnet_cifar.models.resnet9 import GlobalMaxPool
+
+    x = torch.randn(2, 8, 5, 7)
+    torch.testing.assert_close(GlobalMaxPool()(x), torch.nn.AdaptiveMaxPool2d(1)(x).flatten(1), rtol=0, atol=0)
+    assert not GlobalMaxPool().state_dict()

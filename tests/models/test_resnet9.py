@@ -229,21 +229,63 @@ def test_ghost_batchnorm_normalises_each_slice_and_averages_the_running_statisti
     torch.manual_seed(0)
     bn = GhostBatchNorm2d(3, ghost_batch=4, momentum=0.5).train()
     x = torch.randn(12, 3, 5, 5)
-    x[1::3] += 4.0  # slice 1 (images 1, 4, 7, 10) shifted: one statistic over the batch would not centre it
+    x[4:8] += 4.0  # slice 1 (images 4 to 7) shifted: one statistic over the batch would not centre it
     x = x.contiguous(memory_format=torch.channels_last)
     y = bn(x)
-    for j in range(3):  # S = 12 / 4 = 3 slices; image i is in slice i mod 3, normalised by its slice's statistics
-        part = x[j::3]
+    for j in range(3):  # S = 12 / 4 = 3 slices; image i is in slice i // 4, normalised by its slice's statistics
+        part = x[4 * j : 4 * j + 4]
         mean, var = part.mean(dim=(0, 2, 3), keepdim=True), part.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
-        torch.testing.assert_close(y[j::3], (part - mean) / torch.sqrt(var + bn.eps), atol=1e-5, rtol=1e-5)
-    slice_means = torch.stack([x[j::3].mean(dim=(0, 2, 3)) for j in range(3)]).mean(0)
+        torch.testing.assert_close(y[4 * j : 4 * j + 4], (part - mean) / torch.sqrt(var + bn.eps), atol=1e-5, rtol=1e-5)
+    slice_means = torch.stack([x[4 * j : 4 * j + 4].mean(dim=(0, 2, 3)) for j in range(3)]).mean(0)
     torch.testing.assert_close(bn.running_mean, 0.5 * slice_means)  # from 0, momentum 0.5
     plain = nn.BatchNorm2d(3).train()
-    assert plain(x)[1::3].mean() > 0.5  # whole-batch statistics leave slice 1 off centre
+    assert plain(x)[4:8].mean() > 0.5  # whole-batch statistics leave slice 1 off centre
     bn.eval()
     torch.testing.assert_close(bn(x), nn.functional.batch_norm(x, bn.running_mean, bn.running_var, eps=bn.eps))
     odd = bn.train()(torch.randn(6, 3, 5, 5))  # not a multiple of 4: normalised whole
     torch.testing.assert_close(odd.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-5, rtol=0)
+
+
+def _cifar10_fast_ghost_bn(bn: nn.BatchNorm2d, x: torch.Tensor, s: int) -> torch.Tensor:
+    """The reshape implementation GhostBatchNorm2d had (cifar10-fast's): image i in slice i mod s."""
+    b, c, h, w = x.shape
+    mean, var = bn.running_mean.repeat(s), bn.running_var.repeat(s)
+    y = nn.functional.batch_norm(
+        x.reshape(b // s, s * c, h, w), mean, var, bn.weight.repeat(s), bn.bias.repeat(s), True, bn.momentum, bn.eps
+    )
+    with torch.no_grad():
+        bn.running_mean.copy_(mean.view(s, c).mean(0))
+        bn.running_var.copy_(var.view(s, c).mean(0))
+    return y.reshape(b, c, h, w)
+
+
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format], ids=["nhwc", "nchw"])
+def test_ghost_batchnorm_keeps_the_memory_format_and_the_reshape_implementations_values(memory_format):
+    """A channels_last batch comes out channels_last (no copy to NCHW and back at every layer), with the values,
+    gradients and running statistics of the reshape implementation on the same slices (there: i mod S)."""
+    from resnet_cifar.models.resnet9 import GhostBatchNorm2d
+
+    torch.manual_seed(0)
+    g, s = 4, 3
+    bn = GhostBatchNorm2d(5, ghost_batch=g, momentum=0.3).train()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2)
+    reference = nn.BatchNorm2d(5, momentum=0.3).train()
+    reference.load_state_dict(bn.state_dict())
+    x = (torch.randn(g * s, 5, 6, 6) * 3 + 1).contiguous(memory_format=memory_format).requires_grad_()
+    y = bn(x)
+    assert y.is_contiguous(memory_format=memory_format)
+    # image k * g + j (slice k here) is image j * s + k there (slice k as well)
+    interleave = torch.arange(g * s).view(s, g).T.reshape(-1)
+    expected = torch.empty_like(y)
+    expected[interleave] = _cifar10_fast_ghost_bn(reference, x[interleave], s)
+    torch.testing.assert_close(y, expected)
+    torch.testing.assert_close(bn.running_mean, reference.running_mean)
+    torch.testing.assert_close(bn.running_var, reference.running_var)
+    weights = torch.randn_like(y)
+    (grad,) = torch.autograd.grad((y * weights).sum(), x)
+    (expected_grad,) = torch.autograd.grad((expected * weights).sum(), x)
+    torch.testing.assert_close(grad, expected_grad)
 
 
 def test_ghost_batch_and_batchnorm_options_reach_every_norm():

@@ -103,7 +103,7 @@ def test_training_loss_uses_label_smoothing():
 
 def test_compile_on_a_cpu_without_a_compiler_is_a_config_error(monkeypatch, tmp_path):
     """module.compile (the default) asks torch's own compiler search before anything loads; without compile, or
-    on a GPU (Triton kernels), no compiler is needed."""
+    on a GPU (Triton kernels, see the next test), no C++ compiler is needed."""
     import torch._inductor.cpp_builder as cpp_builder
 
     def no_compiler() -> str:
@@ -116,6 +116,34 @@ def test_compile_on_a_cpu_without_a_compiler_is_a_config_error(monkeypatch, tmp_
     with pytest.raises(ConfigError, match=message):
         check_compiler(cfg)
     check_compiler(compose_cfg(["trainer.accelerator=cpu", "module.compile=false"], tmp_path))
+    monkeypatch.setenv("CC", "/bin/sh")  # any executable: a GPU run asks for a C compiler only
     check_compiler(compose_cfg(["trainer.accelerator=gpu"], tmp_path))
     monkeypatch.setattr(cpp_builder, "get_cpp_compiler", lambda: "g++")
     check_compiler(cfg)
+
+
+@pytest.mark.parametrize("accelerator", ["gpu", "cuda", "auto"])
+def test_compile_on_cuda_without_a_c_compiler_is_a_config_error(monkeypatch, tmp_path, accelerator):
+    """On CUDA Triton builds its kernel launcher with a C compiler ($CC, gcc or clang): no compiler on the PATH
+    is the same one-line error at start-up as on the CPU, not a traceback at the first step."""
+    import torch._inductor.cpp_builder as cpp_builder
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", lambda: "g++")  # the CPU's check would pass
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    cfg = compose_cfg([f"trainer.accelerator={accelerator}"], tmp_path)
+    message = r"^module.compile=true on CUDA needs a C compiler .*module.compile=false$"
+    with pytest.raises(ConfigError, match=message):
+        check_compiler(cfg)
+    check_compiler(compose_cfg([f"trainer.accelerator={accelerator}", "module.compile=false"], tmp_path))
+    monkeypatch.setenv("CC", "/bin/sh")  # $CC, as Triton honours it
+    check_compiler(cfg)
+    monkeypatch.setenv("CC", str(tmp_path / "no_such_cc"))
+    with pytest.raises(ConfigError, match=message):
+        check_compiler(cfg)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "clang").write_text("")
+    (tmp_path / "empty" / "clang").chmod(0o755)
+    monkeypatch.delenv("CC")
+    check_compiler(cfg)  # clang when gcc is missing

@@ -308,5 +308,8 @@ def test_ddp_linear_probe_keeps_backbone(tmp_path, odd_root, weights_file):
     assert rank0 == rank1
     state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     start = torch.load(weights_file)
-    assert all(torch.equal(start[k], v) for k, v in backbone_state(state, "model.").items() if k.startswith("backbone"))
+    backbone = {k: v for k, v in backbone_state(state, "model.").items() if k.startswith("backbone.")}
+    expected_keys = {k for k in start if k.startswith("backbone.")}
+    assert expected_keys and backbone.keys() == expected_keys  # all() over nothing would pass
+    assert all(torch.equal(start[k], v) for k, v in backbone.items())
     assert not torch.equal(state["model.head.weight"], start["head.weight"])

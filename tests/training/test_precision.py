@@ -143,14 +143,26 @@ def test_auto_on_this_machine_unmocked(synthetic_root, tmp_path):
         assert torch.load(ckpt, weights_only=True)["resnet_cifar_precision"] == expected, ckpt.name
 
 
-def test_eval_auto_repeats_a_bf16_runs_test_numbers(monkeypatch, synthetic_root, tmp_path):
-    """A bf16-mixed checkpoint evaluated on a machine whose own auto is fp32 (mocked: a CPU without bf16 instructions):
-    eval.py's auto is the checkpoint's precision, so it repeats the training run's numbers, which fp32 would not."""
+@pytest.fixture(scope="module")
+def bf16_run(synthetic_root, tmp_path_factory) -> dict:
+    """train()'s metrics of a one-epoch bf16-mixed run (its best_ckpt records the precision)."""
+    tmp_path = tmp_path_factory.mktemp("bf16_run")
     overrides = [*synthetic_overrides(synthetic_root, precision="bf16-mixed"), "trainer.max_epochs=1"]
     trained = train(compose_cfg([*overrides, "logger=none", "module.tta_flip=true"], tmp_path / "run"))
     assert trained["precision"] == "bf16-mixed"
-    _flags(monkeypatch, {"avx2"})  # this machine's auto would be 32-true
-    base = [f"ckpt_path={trained['best_ckpt']}", f"data.root={synthetic_root}", "report.loggers=false"]
+    return trained
+
+
+def _eval_base(ckpt: Path, synthetic_root: Path) -> list[str]:
+    return [f"ckpt_path={ckpt}", f"data.root={synthetic_root}", "report.loggers=false"]
+
+
+def test_eval_auto_repeats_a_bf16_runs_test_numbers(monkeypatch, cpu_only, synthetic_root, tmp_path, bf16_run):
+    """A bf16-mixed checkpoint evaluated on a CPU with bf16 instructions (mocked): eval.py's auto is the checkpoint's
+    precision, so it repeats the training run's numbers, which fp32 would not."""
+    trained = bf16_run
+    _flags(monkeypatch, {"amx_bf16"})
+    base = _eval_base(trained["best_ckpt"], synthetic_root)
     evaluated = evaluate(compose_cfg(base, tmp_path / "eval", "eval"))
     assert evaluated["precision"] == "bf16-mixed"
     assert evaluated["precision_reason"] == "as the checkpoint was trained and tested"
@@ -159,3 +171,43 @@ def test_eval_auto_repeats_a_bf16_runs_test_numbers(monkeypatch, synthetic_root,
     fp32 = evaluate(compose_cfg([*base, "trainer.precision=32-true"], tmp_path / "fp32", "eval"))
     assert fp32["precision"] == "32-true"
     assert fp32["test/loss"] != pytest.approx(trained["test/loss"], rel=1e-6)  # so the comparison above can fail
+
+
+@pytest.mark.parametrize(
+    ("trained", "flags", "expected", "reason"),
+    [
+        ("bf16-mixed", {"avx2"}, "32-true", "the checkpoint's bf16-mixed would be emulated on a CPU without AMX"),
+        ("16-mixed", {"avx2"}, "32-true", "the checkpoint's 16-mixed has no float16 autocast on a CPU"),
+        ("16-mixed", {"amx_bf16"}, "bf16-mixed", "the checkpoint's 16-mixed has no float16 autocast on a CPU"),
+        ("32-true", {"amx_bf16"}, "32-true", "as the checkpoint was trained and tested"),
+    ],
+    ids=["bf16_on_a_cpu_without_bf16", "fp16_on_a_cpu", "fp16_on_a_bf16_cpu", "fp32_on_a_bf16_cpu"],
+)
+def test_eval_auto_takes_the_checkpoints_precision_only_where_the_device_runs_it_natively(
+    monkeypatch, cpu_only, synthetic_root, tmp_path, bf16_run, trained, flags, expected, reason
+):
+    """Elsewhere it is the device's own auto (emulated bf16 is ~10x slower, Lightning has no float16 autocast on a
+    CPU), and metrics.json says what ran and why; an fp32 checkpoint stays fp32 on a bf16 CPU."""
+    state = torch.load(bf16_run["best_ckpt"], weights_only=True)
+    state["resnet_cifar_precision"] = trained
+    ckpt = tmp_path / f"{trained}.ckpt"
+    torch.save(state, ckpt)
+    _flags(monkeypatch, flags)
+    evaluate(compose_cfg(_eval_base(ckpt, synthetic_root), tmp_path / "eval", "eval"))
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["precision"] == expected
+    assert metrics["precision_reason"].startswith(reason)
+    if expected != trained:
+        assert metrics["precision_reason"].endswith(prec.resolve_precision("auto", "cpu")[1])
+
+
+def test_checkpoint_auto_on_a_gpu_without_bf16(monkeypatch):
+    """A bf16 checkpoint on a pre-Ampere GPU: its own auto (16-mixed); a GPU runs float16 natively."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA Test GPU")
+    precision, reason = prec.checkpoint_auto("bf16-mixed", "gpu")
+    assert precision == "16-mixed"
+    assert reason.startswith("the checkpoint's bf16-mixed needs compute capability >= 8.0, this GPU has 7.0")
+    assert prec.checkpoint_auto("16-mixed", "gpu") == ("16-mixed", "as the checkpoint was trained and tested")
+    assert prec.checkpoint_auto(None, "gpu") is None

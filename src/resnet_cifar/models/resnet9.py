@@ -59,10 +59,12 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
 
     Page's GhostBatchNorm (slices of 32 in batches of 512): noisier statistics regularise like small
     batches while the step keeps the large batch's throughput. The running statistics average the
-    slices' (so evaluation is plain batch norm). torch has no ghost batch norm; this is the
-    reshape of cifar10-fast: ``(B, C, H, W) -> (B / S, S * C, H, W)``, one ``F.batch_norm`` with the
-    parameters and running statistics repeated S times. Image ``i`` lands in slice ``i mod S``.
-    A batch whose size is not a multiple of ``ghost_batch`` (the last of an epoch) is normalised whole.
+    slices' (so evaluation is plain batch norm). torch has no ghost batch norm; the slices are
+    ``torch.split``'s consecutive images, each one ``F.batch_norm`` on a view of the batch, concatenated:
+    a channels_last batch stays channels_last (cifar10-fast's reshape to ``(B / S, S * C, H, W)``, slice
+    ``i mod S``, copied it to the contiguous format and back at every layer). Image ``i`` lands in slice
+    ``i // ghost_batch``. A batch whose size is not a multiple of ``ghost_batch`` (the last of an epoch)
+    is normalised whole.
     """
 
     def __init__(self, num_features: int, ghost_batch: int, **kwargs) -> None:
@@ -70,26 +72,41 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
         self.ghost_batch = int(ghost_batch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
+        b = x.shape[0]
         if not self.training or b % self.ghost_batch or b == self.ghost_batch:
             return super().forward(x)
         s = b // self.ghost_batch
-        mean, var = self.running_mean.repeat(s), self.running_var.repeat(s)
-        y = F.batch_norm(
-            x.reshape(b // s, s * c, h, w),
-            mean,
-            var,
-            self.weight.repeat(s),
-            self.bias.repeat(s),
-            training=True,
-            momentum=self.momentum,
-            eps=self.eps,
-        )
+        # each slice updates its own copy of the running statistics (a row, in place); they are averaged after
+        means, variances = self.running_mean.repeat(s, 1), self.running_var.repeat(s, 1)
+        parts = [
+            F.batch_norm(
+                part,
+                means[k],
+                variances[k],
+                self.weight,
+                self.bias,
+                training=True,
+                momentum=self.momentum,
+                eps=self.eps,
+            )
+            for k, part in enumerate(x.split(self.ghost_batch))
+        ]
         with torch.no_grad():
-            self.running_mean.copy_(mean.view(s, c).mean(0))
-            self.running_var.copy_(var.view(s, c).mean(0))
+            self.running_mean.copy_(means.mean(0))
+            self.running_var.copy_(variances.mean(0))
             self.num_batches_tracked.add_(1)
-        return y.reshape(b, c, h, w)
+        return torch.cat(parts)
+
+
+class GlobalMaxPool(nn.Module):
+    """``(B, C, H, W) -> (B, C)``: the maximum over each map, as ``AdaptiveMaxPool2d(1)`` then ``Flatten``.
+
+    Written as ``amax``: ``adaptive_max_pool2d`` has no deterministic CUDA backward, so
+    ``trainer.deterministic=true`` (``torch.use_deterministic_algorithms``) would fail on a GPU; amax's has.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.amax((-2, -1))
 
 
 class ConvBlock(nn.Sequential):
@@ -209,7 +226,7 @@ class ResNet9(nn.Module):
         self.layer2 = layer(w1, w2, tails[1])
         self.layer3 = layer(w2, w3, tails[2])
         # Page's MaxPool2d(4) on the 4x4 map of a 32x32 input; adaptive, so larger inputs work too
-        self.pool = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten())
+        self.pool = GlobalMaxPool()
         self.output_scale = float(output_scale)
         self.out_features = w3
         if dirac_init:
@@ -251,4 +268,4 @@ def conv_flops(widths: Sequence[int], stem: str = "conv", tails: Sequence[str] =
     return total
 
 
-__all__ = ["ResNet9", "PatchWhitening", "GhostBatchNorm2d", "conv_flops"]
+__all__ = ["ResNet9", "PatchWhitening", "GhostBatchNorm2d", "GlobalMaxPool", "conv_flops"]

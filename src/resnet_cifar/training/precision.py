@@ -14,7 +14,8 @@ So :func:`resolve_precision` decides once, before the Trainer is built:
 An explicit ``trainer.precision`` always wins. The choice and its reason are logged, written
 into the run's config (so the loggers' hyperparameters show the precision that ran), into
 ``metrics.json`` and into the checkpoints; ``eval.py``'s ``auto`` is the checkpoint's precision,
-so that it repeats the training run's test numbers.
+so that it repeats the training run's test numbers, where the device runs it natively
+(:func:`checkpoint_auto`), else the device's own ``auto``.
 """
 
 from __future__ import annotations
@@ -82,6 +83,39 @@ def resolve_precision(requested: Any, accelerator: Any = AUTO) -> tuple[str, str
             return "bf16-mixed", f"CPU with {found}"
         return "32-true", "CPU without AMX-BF16 or AVX512-BF16 (bf16 would be emulated, ~10x slower)"
     return "32-true", f"{device}: no mixed precision chosen automatically"
+
+
+def _not_native(precision: str, device: str) -> str | None:
+    """Why ``device`` (``cuda``, ``cpu``, ``mps``) does not run ``precision`` natively, or None where it does."""
+    kind = precision.split("-")[0]  # bf16, 16, 32, 64 (Lightning's names and their short forms)
+    if kind in ("32", "64"):
+        return None
+    if device == "cuda":
+        major, minor = torch.cuda.get_device_capability()
+        if kind == "bf16" and major < 8:
+            return f"needs compute capability >= 8.0, this GPU has {major}.{minor}"
+        return None
+    if device == "cpu" and kind == "bf16":
+        return None if bf16_instructions() else "would be emulated on a CPU without AMX-BF16 or AVX512-BF16"
+    if device == "cpu" and kind == "16":
+        return "has no float16 autocast on a CPU"
+    return f"is not native on {device}"
+
+
+def checkpoint_auto(trained: str | None, accelerator: Any = AUTO) -> tuple[str, str] | None:
+    """``(precision, reason)`` that eval.py's ``auto`` means for a checkpoint trained in ``trained`` (None: unknown).
+
+    The checkpoint's precision repeats the training run's test numbers, but only where this device runs it
+    natively: emulated bf16 is ~10x slower, and Lightning refuses float16 autocast on a CPU. Elsewhere the
+    device's own ``auto``, with the reason saying why.
+    """
+    if not trained:
+        return None
+    missing = _not_native(str(trained), _accelerator_type(accelerator))
+    if missing is None:
+        return str(trained), "as the checkpoint was trained and tested"
+    precision, reason = resolve_precision(AUTO, accelerator)
+    return precision, f"the checkpoint's {trained} {missing}: this device's auto, {reason}"
 
 
 def apply_auto_precision(trainer_cfg: Any, auto: tuple[str, str] | None = None) -> tuple[str, str]:
