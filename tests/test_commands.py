@@ -229,14 +229,21 @@ def test_a_missing_extra_through_the_command_is_one_line(tmp_path):
 
 
 def test_lr_finder_writes_a_plot_and_a_finite_suggestion(synthetic_root, tmp_path):
+    from resnet_cifar.tune import suggest_lr
+
     out = tmp_path / "lr_find"
     overrides = [*synthetic_overrides(synthetic_root), "tune=lr_find", "tune.num_training=30", f"hydra.run.dir={out}"]
     proc = run_script("train.py", *overrides, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "lr_find.json").read_text())
     assert len(result["lr"]) == len(result["loss"]) >= 12
-    assert result["lr"] == sorted(result["lr"]) and result["lr"][0] >= 1e-5
-    assert 1e-5 <= result["suggestion"] <= 10 and result["override"] in proc.stdout
+    assert result["lr"] == sorted(result["lr"])
+    # the curve starts at tune.min_lr (its first step, or the one after: an exponential step is (max/min)^(1/29))
+    step = (result["max_lr"] / result["min_lr"]) ** (1 / (result["num_training"] - 1))
+    assert result["min_lr"] == 1e-5 and 1e-5 <= result["lr"][0] <= 1e-5 * step * 1.001, result["lr"][:2]
+    # the suggestion is the project's rule (the lowest debiased loss's LR / 10) applied to the written curve
+    assert result["suggestion"] == suggest_lr(result["lr"], result["loss"])
+    assert result["override"] == f"optimizer.lr={result['suggestion']:.3g}" and result["override"] in proc.stdout
     assert (out / "lr_find.png").read_bytes()[:4] == b"\x89PNG"
     assert not (out / "checkpoints").exists()  # a range test, not a training run
 

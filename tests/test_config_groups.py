@@ -99,7 +99,7 @@ def test_imagenet_inputs_come_with_the_pretrained_stages(composed):
     [
         ("resnet20_short", "resnet20", "scratch", {"task_name": "resnet20_short", "model.shortcut": "B"}),
         ("cpu_30min", "resnet9", "scratch", {"model.widths": [24, 128, 384, 384], "scheduler.progress": "time"}),
-        ("cpu_10min", "resnet9", "scratch", {"model.stem": "whiten", "trainer.max_time": "00:00:08:00"}),
+        ("cpu_10min", "resnet9", "scratch", {"model.stem": "whiten", "trainer.max_time": "00:00:10:00"}),
         ("cpu_60min", "resnet9", "scratch", {"model.widths": [64, 128, 256, 512], "trainer.max_time": "00:00:57:00"}),
         ("fast94", "resnet9", "scratch", {"trainer.max_epochs": 10, "optimizer.name": "muon", "model.stem": "whiten"}),
         (

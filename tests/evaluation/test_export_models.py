@@ -1,6 +1,7 @@
-"""export.py beyond ResNet-20: the cpu_30min model (ResNet-9 with CELU, pool-before-BN, frozen BN scales and
-an output scale, EMA weights) and a torchvision ResNet, each exported to every format and checked against
-the checkpoint's own PyTorch model, inside and outside export's check."""
+"""export.py beyond ResNet-20: the cpu_30min model (ResNet-9 with the patch-whitening stem, GELU, conv tails,
+pool-before-BN, frozen BN scales and an output scale), the resnet9_page model (CELU, EMA weights) and a
+torchvision ResNet, each exported to every format and checked against the checkpoint's own PyTorch model,
+inside and outside export's check."""
 
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ SHORT += ["test=false", "report=none", "logger=none", "~callbacks.lr_monitor"]
 MODELS = {
     # the model of experiment=cpu_30min as the preset builds it, over steps instead of its time budget
     "resnet9_cpu_30min": ["experiment=cpu_30min", "~trainer.max_time", "scheduler.progress=steps"],
+    # Page's ResNet-9 (CELU, Page's widths halved for speed) with the EMA of its weights as the checkpoint's weights
+    "resnet9_page_ema": ["experiment=resnet9_page", "model.widths=[32,64,128,256]", "callbacks.ema.warmup=true"],
     # torchvision's ResNet-18 (ImageNet stem at 32x32) from scratch
     "resnet18": ["model=resnet18", "scheduler=cosine", "scheduler.warmup_epochs=0"],
 }
@@ -40,7 +43,11 @@ def test_every_format_reproduces_the_checkpoints_model(name, synthetic_root, tmp
     ckpt = run / "checkpoints" / "last.ckpt"
     module, data_hp = ImageClassifier.load_trained(ckpt)
     model_hp = dict(module.hparams.model)
-    if name.startswith("resnet9"):  # the preset's options reached the model
+    if name == "resnet9_page_ema":  # CELU, and the checkpoint's weights are the EMA, not the training weights
+        saved = torch.load(ckpt, weights_only=True)
+        assert model_hp["activation"] == "celu" and "current_model_state" in saved
+        assert any(not torch.equal(v, saved["current_model_state"][k]) for k, v in saved["state_dict"].items())
+    if name == "resnet9_cpu_30min":  # the preset's options reached the model
         preset = compose_cfg(["experiment=cpu_30min"], tmp_path / "preset").model
         keys = ("stem", "widths", "tails", "activation", "pool_before_bn", "bn_scale_trainable", "output_scale")
         assert {k: model_hp[k] for k in keys} == {k: preset[k] for k in keys}

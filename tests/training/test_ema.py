@@ -126,6 +126,7 @@ def test_checkpoints_hold_the_ema_as_their_weights_and_the_training_weights_besi
 
 
 def test_test_eval_predict_and_export_use_the_ema_weights(ema_run, synthetic_root, tmp_path):
+    """train.py's test, eval.py, predict.py and export.py all use the EMA weights of the best checkpoint."""
     out, metrics = ema_run
     best = checkpoint(metrics["best_ckpt"])
     ema = {k.removeprefix("model."): v for k, v in best["state_dict"].items() if k.startswith("model.")}
@@ -134,6 +135,13 @@ def test_test_eval_predict_and_export_use_the_ema_weights(ema_run, synthetic_roo
     evaluated = evaluate(cfg)
     assert evaluated["test/loss"] == pytest.approx(metrics["test/loss"], rel=1e-6)
     assert evaluated["test/acc"] == metrics["test/acc"]
+    # the control: the same checkpoint with the training weights as its state_dict gives another test loss, so
+    # train.py's test (trainer.test(ckpt_path=best) after fit, where Lightning's callback would load the training
+    # weights) and eval.py tested the EMA weights
+    raw_ckpt = tmp_path / "raw.ckpt"
+    torch.save({**best, "state_dict": best["current_model_state"]}, raw_ckpt)
+    raw_cfg = compose_cfg([f"ckpt_path={raw_ckpt}", f"data.root={synthetic_root}"], tmp_path / "raw_eval", "eval")
+    assert evaluate(raw_cfg)["test/loss"] != pytest.approx(metrics["test/loss"], rel=1e-6)
     # ... and the training weights would have given another loss (so the comparison above can fail)
     raw = Predictor.from_checkpoint(metrics["best_ckpt"])
     raw.module.load_state_dict(best["current_model_state"])
@@ -146,16 +154,6 @@ def test_test_eval_predict_and_export_use_the_ema_weights(ema_run, synthetic_roo
     export(compose_cfg(overrides, tmp_path, "export"))
     exported, _ = load_safetensors_model(tmp_path / "model.safetensors")
     assert all(torch.equal(v, ema[k]) for k, v in exported.state_dict().items())
-
-
-def test_train_tests_the_ema_of_the_best_checkpoint(ema_run, synthetic_root, tmp_path):
-    """trainer.test(ckpt_path=best) after fit: the EMA weights (Lightning's callback would load the raw ones)."""
-    out, metrics = ema_run
-    best = checkpoint(metrics["best_ckpt"])
-    raw = tmp_path / "raw.ckpt"
-    torch.save({**best, "state_dict": best["current_model_state"]}, raw)
-    cfg = compose_cfg([f"ckpt_path={raw}", f"data.root={synthetic_root}"], tmp_path / "eval", "eval")
-    assert evaluate(cfg)["test/loss"] != pytest.approx(metrics["test/loss"], rel=1e-6)
 
 
 def test_sigkill_mid_epoch_then_resume_continues_both_copies_bit_for_bit(synthetic_root, ema_run, tmp_path):

@@ -108,10 +108,11 @@ def test_fast94_composes_airbench94s_recipe(tmp_path):
     assert cfg.module.tta_flip and cfg.module.tta_translate == 1
     augment = cfg.data.augment
     assert (augment.crop_padding, augment.padding_mode, augment.alternating_flip) == (2, "reflect", True)
-    for preset, budget in (("cpu_10min", "00:00:08:00"), ("cpu_30min", "00:00:27:30")):
+    for preset, budget in (("cpu_10min", "00:00:10:00"), ("cpu_30min", "00:00:30:00")):
         timed = compose_cfg([f"experiment={preset}"], tmp_path)
         validate_train_config(timed)
         assert timed.scheduler.progress == "time" and timed.trainer.max_time == budget
+        assert timed.budget.whole_command and timed.module.tta_val == "last"  # the whole command, measured reserve
         assert timed.trainer.max_epochs == -1 and timed.optimizer == cfg.optimizer
         widths = [24, 128, 384, 384] if preset == "cpu_30min" else list(cfg.model.widths)  # airbench95's, airbench94's
         assert {**timed.model, "widths": widths} == {**cfg.model, "widths": widths} and timed.model.widths == widths

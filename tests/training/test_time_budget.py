@@ -53,7 +53,8 @@ def test_the_cpu_30min_command_ends_inside_its_budget(synthetic_root, tmp_path):
     assert "Time limit reached" in log
     # The log states the reserve and why: the views left, the rate measured, what training got.
     stated = re.search(
-        r"Time budget: trained \S+ of \S+; budget 0:00:45 for the whole command: start-up (\d+) s, reserve (\d+) s "
+        r"Time budget: trained \S+ of \S+ \(validations during it \d+ s, [\d.]+% of the budget\); "
+        r"budget 0:00:45 for the whole command: start-up (\d+) s, reserve (\d+) s "
         r"\(([\d,]+) views of the last validation and the test at [\d,]+ views/s measured",
         log,
     )
@@ -137,3 +138,87 @@ def _recording(seen: list):
         return real(self, trainer, pl_module)
 
     return on_train_end
+
+
+def test_one_process_checks_its_budget_without_a_broadcast(synthetic_root, tmp_path, monkeypatch):
+    """Lightning's Timer broadcasts its stop decision at every step (a collective and a host sync under DDP);
+    the project's BudgetTimer, in the callbacks whenever trainer.max_time is set (Lightning then adds none),
+    broadcasts nothing in one process and stops at the budget all the same."""
+    from pytorch_lightning.strategies import SingleDeviceStrategy
+
+    from resnet_cifar.run import train
+
+    decisions = []
+    real = SingleDeviceStrategy.broadcast
+
+    def broadcast(self, obj, src=0):
+        if isinstance(obj, bool):  # a stop decision (ModelCheckpoint broadcasts paths)
+            decisions.append(obj)
+        return real(self, obj, src)
+
+    monkeypatch.setattr(SingleDeviceStrategy, "broadcast", broadcast)
+    seen: list[budget_module.BudgetTimer] = []
+    monkeypatch.setattr(budget_module.BudgetTimer, "on_train_end", _recording(seen))
+    overrides = [
+        *synthetic_overrides(synthetic_root),
+        "model=resnet9",
+        "model.widths=[8,16,32,64]",
+        "trainer.max_epochs=-1",
+        "trainer.max_time=00:00:00:08",  # training only (budget.whole_command: false, the default)
+        "scheduler=linear",
+        "+scheduler.progress=time",
+        "logger=none",
+        "test=false",
+    ]
+    train(compose_cfg(overrides, tmp_path / "run"))
+    timer = seen[0]
+    assert timer._steps_seen > 10 and decisions == []  # many steps, no stop decision broadcast
+    assert not timer.whole_command and timer.stopped_at is not None  # the budget stopped training
+    assert 8 <= timer.stopped_at <= 8 + 3
+
+
+def test_cpu_60min_runs_onecycle_and_the_ema_over_its_training_budget(synthetic_root, tmp_path):
+    """cpu_60min (Page's recipe: OneCycle, EMA) over trainer.max_time of training (Lightning's meaning: its
+    budget does not cover the whole command): stopped by the clock, the OneCycle drawn over the clock (up to the
+    peak, then down to lr/10 at the stop), the EMA in the checkpoints, and the phase after the stop (the last
+    validation, test, report) bounded from the log's timestamps."""
+    preset = compose_cfg(["experiment=cpu_60min"], tmp_path)
+    assert preset.trainer.max_time == "00:00:57:00" and not preset.budget.whole_command
+    assert preset.scheduler.name == "onecycle" and preset.scheduler.progress == "time"
+    budget_s = 20
+    run = tmp_path / "run"
+    overrides = [
+        "experiment=cpu_60min",
+        *synthetic_overrides(synthetic_root),
+        "trainer.max_epochs=-1",
+        f"trainer.max_time=00:00:00:{budget_s}",
+        "model.widths=[8,16,32,64]",
+        "logger=csv",
+        f"hydra.run.dir={run}",
+    ]
+    proc = run_script("train.py", *overrides, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = (run / "cpu_60min.log").read_text()
+    stamp = r"\[(\d+-\d+-\d+ \d+:\d+:\d+,\d+)\]"
+    stop = re.search(stamp + r".*Time limit reached\. Elapsed time is 0:00:(\d+)", log)
+    end = re.search(stamp + r".*Summary:", log)
+    assert stop and end, log[-2000:]
+    assert budget_s <= int(stop[2]) <= budget_s + 3  # stopped by the clock, a step past it at most
+
+    def at(text: str) -> float:
+        return time.mktime(time.strptime(text[:19], "%Y-%m-%d %H:%M:%S")) + int(text[20:]) / 1000
+
+    # after the stop: one validation and one test of 100 images each (flip TTA), a report: seconds, not minutes
+    assert at(end[1]) - at(stop[1]) <= 20, (stop[1], end[1])
+    last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert "current_model_state" in last  # the EMA: the average as state_dict, the training weights beside it
+    with (run / "csv" / "metrics.csv").open() as f:
+        header, *rows = (line.rstrip("\n").split(",") for line in f)
+    column = next(i for i, name in enumerate(header) if name.startswith("lr-") and name.endswith("/head"))
+    lrs = [float(r[column]) for r in rows if r[column]]
+    peak, div = preset.optimizer.lr, preset.scheduler.div_factor
+    top = lrs.index(max(lrs))
+    assert lrs[0] == pytest.approx(peak / div, rel=0.2)  # OneCycle starts at lr / div_factor
+    assert max(lrs) == pytest.approx(peak, rel=0.1) and 0 < top < len(lrs) - 1  # up to the peak inside the run
+    final = peak / (div * preset.scheduler.final_div_factor)
+    assert lrs[-1] == pytest.approx(final, abs=0.1 * (peak - final))  # and down to its end at the stop

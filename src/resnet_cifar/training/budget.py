@@ -100,6 +100,8 @@ class BudgetTimer(Timer):
         self._step_start: float | None = None
         self._steps_seen = 0
         self.stopped_at: float | None = None  # training seconds when the budget stopped it
+        self.validating_s = 0.0  # seconds of the validations during training (not the sanity check, not the last)
+        self._val_start = 0.0
 
     @property
     def state_key(self) -> str:
@@ -185,6 +187,15 @@ class BudgetTimer(Timer):
             self._step[1] += 1
         super().on_train_batch_end(trainer, *args, **kwargs)
 
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_start(trainer, pl_module)
+        self._val_start = time.monotonic()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if trainer.state.fn == "fit" and not trainer.sanity_checking and not trainer.should_stop:
+            self.validating_s += time.monotonic() - self._val_start  # the validations during training
+
     def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int, *a) -> None:
         self._batch_start = time.monotonic() if batch_idx >= 1 else None  # the first batch warms the kernels up
 
@@ -200,8 +211,9 @@ class BudgetTimer(Timer):
         super().on_train_end(trainer, pl_module)
         if self.whole_command and self._duration is not None:
             log.info(
-                "Time budget: trained %s of %s; %s", _clock(self.time_elapsed()),
-                _clock(self.training_budget()), self.explain(),
+                "Time budget: trained %s of %s (validations during it %.0f s, %.1f%% of the budget); %s",
+                _clock(self.time_elapsed()), _clock(self.training_budget()), self.validating_s,
+                100 * self.validating_s / self._duration, self.explain(),
             )  # fmt: skip
 
     def _check_time_remaining(self, trainer: pl.Trainer) -> None:
