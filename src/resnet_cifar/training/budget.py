@@ -161,6 +161,12 @@ class BudgetTimer(Timer):
         self._batch_size = int(getattr(trainer.datamodule, "hparams", {}).get("batch_size", 0) or 0)
         self.eval_views_after = self._views_after_training(trainer, pl_module)
         log.info("Time budget: %s", self.explain())
+        if self.training_budget() <= 0:
+            log.warning(
+                "Time budget: the evaluation after training (%.0f s) does not fit in %s after the start-up: training "
+                "one step, then the command ends ~%s after its start (raise trainer.max_time to train)",
+                self.reserve(), _clock(self._duration), _clock(self.startup_s + self.reserve()),
+            )  # fmt: skip
 
     def _views_after_training(self, trainer: pl.Trainer, module: Any) -> int:
         """Views this process evaluates after the stop: the last validation (with the TTA under
