@@ -27,7 +27,8 @@ from resnet_cifar.sweeps import in_multirun
 from resnet_cifar.training.budget import BudgetTimer
 from resnet_cifar.training.checkpointing import atomic_torch_save, resolve_ckpt_path
 from resnet_cifar.training.module import ImageClassifier
-from resnet_cifar.training.precision import apply_auto_precision
+from resnet_cifar.training.precision import apply_auto_precision, checkpoint_auto
+from resnet_cifar.training.progress_bar import TrainProgressBar
 from resnet_cifar.training.pruning import TrialPruning
 
 log = logging.getLogger(__name__)
@@ -287,14 +288,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     overrides = {k: cfg[k] for k in ("tta_flip", "tta_translate") if cfg.get(k) is not None}
     module, data_hp = ImageClassifier.load_trained(cfg.ckpt_path, **overrides)
     datamodule = build_datamodule({**data_hp, **to_dict(cfg.data)})
-    from resnet_cifar.training.precision import checkpoint_auto
-
     # auto: the checkpoint's precision where this device runs it natively (eval.py repeats its numbers)
     auto = checkpoint_auto(module.trained_precision, cfg.trainer.get("accelerator", "auto"))
     # a stored temperature is applied as it is (the training run's numbers); without one it is fitted here
     scaling = temperature_scaling(cfg, module.temperature)
-    from resnet_cifar.training.progress_bar import TrainProgressBar
-
     callbacks = [TrainProgressBar(), *([scaling] if scaling else [])]  # the bar on stderr, not Lightning's on stdout
     trainer, precision = build_trainer(cfg.trainer, callbacks, auto=auto, logger=False)
     if cfg.get("report"):
